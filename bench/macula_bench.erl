@@ -1,0 +1,685 @@
+%%% macula_bench -- compare Erlang distribution carriers on one host.
+%%%
+%%% What it measures, per carrier (inet_tcp, inet_tls, macula), each on a
+%%% fresh pair of OS-level BEAM nodes A and B on 127.0.0.1:
+%%%   1. connection setup: median wall time of net_kernel:connect_node/1 on A
+%%%      over N fresh connections (disconnect, wait until BOTH sides have
+%%%      dropped the connection, reconnect, time the connect).
+%%%   2. latency: small-message round trip between a process on A and an
+%%%      echo process on B (p50/p99 over 10,000 round trips), and the
+%%%      erpc:call/4 round trip p50/p99 (2,000 calls).
+%%%   3. throughput, A -> B, windowed so the sender can never run ahead of the
+%%%      receiver (the receiver acks, the sender blocks on a full window):
+%%%      1 MiB and 64 KiB binaries (MB/s, 8 messages in flight), 8 parallel
+%%%      sender/receiver pairs with 64 KiB binaries, and 100-byte binaries
+%%%      (messages/s, acked every 1,000, 4 batches in flight). Each run is
+%%%      time bounded (default 5 s) or byte bounded, whichever comes first.
+%%%   4. CPU seconds per GB moved (utime+stime from /proc/<pid>/stat of both
+%%%      beam processes around the 1 MiB run) and peak RSS (VmHWM) per node.
+%%%
+%%% How: this module is both the orchestrator and the workload. The
+%%% orchestrator is a NON-distributed node (so it never needs any carrier
+%%% itself) started by bench/run. It starts the nodes with OTP 25's peer
+%%% module over a TCP control connection (connection => 0), loads this module
+%%% on them via -pa, and drives the measurement functions with peer:call/5.
+%%% All timing happens on node A with erlang:monotonic_time/0.
+%%%
+%%% Safety: every node's OS pid is appended to a pid file that bench/run
+%%% kills on exit; a watchdog halts the orchestrator after a deadline; each
+%%% carrier's nodes are stopped (and SIGKILLed if needed) before the next
+%%% carrier starts.
+%%%
+%%% Inputs come from bench/run through MACULA_BENCH_* environment variables
+%%% (internal paths) and plain arguments after -extra (user options).
+-module(macula_bench).
+
+%% Orchestrator entry point (erl -s macula_bench main -extra ARGS).
+-export([main/0]).
+%% Called on the peer nodes through peer:call/5.
+-export([disconnect/1, wait_gone/1, wait_present/1, timed_connect/1,
+         watch_start/1, watch_count/0,
+         rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7]).
+%% Spawned on the remote node B by the functions above.
+-export([echo/1, receiver/2]).
+
+-include_lib("public_key/include/public_key.hrl").
+
+-define(HOST, "127.0.0.1").
+-define(CALL_TIMEOUT, 180000).          % one peer:call; the watchdog bounds the total
+-define(ACK_TIMEOUT, 30000).            % a stalled stream fails instead of hanging
+-define(WAIT_TIMEOUT, 15000).           % nodeup/nodedown propagation
+
+%%====================================================================
+%% Orchestrator
+%%====================================================================
+
+main() ->
+    %% Peer nodes forward their console output (logger reports, io:format)
+    %% to the group leader of whoever started them: send it to stderr, so
+    %% stdout carries only the result table (printed to 'user').
+    group_leader(whereis(standard_error), self()),
+    Code = try
+               run(parse_args(init:get_plain_arguments(), defaults()))
+           catch
+               throw:{usage, Msg} ->
+                   err("~s~n", [Msg]),
+                   2;
+               Class:Reason:Stack ->
+                   err("bench crashed: ~p:~p~n~p~n", [Class, Reason, Stack]),
+                   stop_all_nodes(),
+                   2
+           end,
+    erlang:halt(Code).
+
+defaults() ->
+    #{carriers => [tcp, tls, macula], quick => false, markdown => undefined,
+      duration => undefined}.
+
+parse_args([], Opts) -> Opts;
+parse_args(["--quick" | T], Opts) -> parse_args(T, Opts#{quick => true});
+parse_args(["--markdown", File | T], Opts) -> parse_args(T, Opts#{markdown => File});
+parse_args(["--duration", S | T], Opts) ->
+    parse_args(T, Opts#{duration => list_to_integer(S) * 1000});
+parse_args(["--carriers", Cs | T], Opts) ->
+    Carriers = [carrier(C) || C <- string:lexemes(Cs, ",")],
+    parse_args(T, Opts#{carriers => Carriers});
+parse_args([Other | _], _) ->
+    throw({usage, "unknown argument: " ++ Other}).
+
+carrier("tcp") -> tcp;
+carrier("tls") -> tls;
+carrier("macula") -> macula;
+carrier(C) -> throw({usage, "unknown carrier: " ++ C ++ " (use tcp,tls,macula)"}).
+
+%% Workload sizes. --quick keeps every measurement but shrinks it.
+config(#{quick := Quick, duration := Dur}) ->
+    Base = case Quick of
+               false -> #{connects => 20, rtts => 10000, erpcs => 2000,
+                          duration => 5000, budget => 10000000000};
+               true -> #{connects => 10, rtts => 2000, erpcs => 500,
+                         duration => 1000, budget => 2000000000}
+           end,
+    case Dur of
+        undefined -> Base;
+        _ -> Base#{duration => Dur}
+    end.
+
+context() ->
+    Env = fun(K) -> os:getenv("MACULA_BENCH_" ++ K, "") end,
+    Tmp = Env("TMP"),
+    Tmp =/= "" orelse throw({usage, "run this through bench/run"}),
+    #{tmp => Tmp,
+      bench_ebin => Env("EBIN"),
+      macula_ebin => Env("MACULA_EBIN"),
+      macula_status => Env("MACULA_STATUS"),
+      epmd_port => Env("EPMD_PORT"),
+      clk_tck => list_to_integer(Env("CLK_TCK")),
+      certs => Env("CERTS"),
+      watchdog => list_to_integer(Env("WATCHDOG")),
+      %% A fresh random cookie: nothing else on the host can join.
+      cookie => "mb" ++ integer_to_list(erlang:unique_integer([positive]))
+                    ++ integer_to_list(rand:uniform(1 bsl 40))}.
+
+run(Opts = #{carriers := Carriers}) ->
+    Ctx = context(),
+    Cfg = config(Opts),
+    start_watchdog(maps:get(watchdog, Ctx)),
+    Results = [{C, run_carrier(C, Cfg, Ctx)} || C <- Carriers],
+    %% Carriers that were not requested still get a (skipped) column.
+    All = [{C, proplists:get_value(C, Results, skipped)} || C <- [tcp, tls, macula]],
+    Table = render(All, Cfg),
+    io:put_chars(user, maps:get(text, Table)),
+    case maps:get(markdown, Opts) of
+        undefined -> ok;
+        File -> ok = file:write_file(File, maps:get(markdown, Table))
+    end,
+    case [C || {C, {error, _}} <- Results] of
+        [] -> 0;
+        Failed ->
+            err("FAILED carriers: ~p~n", [Failed]),
+            1
+    end.
+
+%% Kill everything and halt if the run exceeds its time budget; bench/run
+%% has a second, slightly later timeout around this whole VM.
+start_watchdog(Secs) ->
+    spawn(fun() ->
+                  timer:sleep(Secs * 1000),
+                  err("watchdog: benchmark exceeded ~p s, killing all nodes~n", [Secs]),
+                  kill_tracked(),
+                  erlang:halt(3)
+          end).
+
+run_carrier(macula, _Cfg, #{macula_status := Status}) when Status =/= "ok" ->
+    err("[macula] FAILED: ~s~n", [Status]),
+    {error, Status};
+run_carrier(C, Cfg, Ctx) ->
+    log(C, "starting nodes"),
+    try
+        {NameA, NameB} = names(C),
+        A = start_node(C, NameA, Ctx),
+        B = start_node(C, NameB, Ctx),
+        R = measure(C, A, B, Cfg, Ctx),
+        log(C, "done"),
+        {ok, R}
+    catch
+        Class:Reason:Stack ->
+            err("[~p] FAILED: ~p:~p~n  ~p~n", [C, Class, Reason, Stack]),
+            {error, {Class, Reason}}
+    after
+        stop_all_nodes()
+    end.
+
+%% Node names. For macula the name IS the UDP port (PORT@IP); tcp/tls use
+%% epmd and a listen port range instead, see carrier_args/3.
+names(tcp) -> {"47101", "47102"};
+names(tls) -> {"47103", "47104"};
+names(macula) -> {"47001", "47002"}.
+
+carrier_args(tcp, _Name, Ctx) ->
+    epmd_args(Ctx);
+carrier_args(tls, Name, Ctx) ->
+    ["-proto_dist", "inet_tls", "-ssl_dist_optfile", tls_optfile(Name, Ctx)
+     | epmd_args(Ctx)];
+carrier_args(macula, _Name, #{macula_ebin := Ebin}) ->
+    %% -proto_dist exactly once: a second one silently selects inet_tcp (OTP 25).
+    ["-proto_dist", "macula", "-no_epmd", "-pa", Ebin].
+
+%% A private epmd (started by bench/run) on a non-default port, so the bench
+%% neither depends on nor disturbs a system epmd; dist listen ports are kept
+%% in a range unlikely to collide with anything else.
+epmd_args(#{epmd_port := Port}) ->
+    ["-epmd_port", Port,
+     "-kernel", "inet_dist_listen_min", "47110", "inet_dist_listen_max", "47199"].
+
+start_node(C, Name, Ctx = #{bench_ebin := Ebin, cookie := Cookie, tmp := Tmp}) ->
+    Dump = filename:join(Tmp, "erl_crash-" ++ Name ++ ".dump"),
+    Args = ["-setcookie", Cookie, "-pa", Ebin, "-start_epmd", "false"
+            | carrier_args(C, Name, Ctx)],
+    Opts = #{name => Name, host => ?HOST, longnames => true,
+             connection => 0,            % control over TCP, not over dist
+             args => Args, wait_boot => 30000,
+             env => [{"ERL_CRASH_DUMP", Dump}]},
+    case peer:start(Opts) of
+        {ok, Peer, Node} ->
+            OsPid = list_to_integer(peer:call(Peer, os, getpid, [])),
+            track(Peer, OsPid),
+            #{peer => Peer, node => Node, ospid => OsPid};
+        {error, Reason} ->
+            %% Boot errors (e.g. a carrier crashing in listen/2) end up in the
+            %% crash dump slogan, since a detached node has no console.
+            error({node_start_failed, Name, Reason,
+                   {command_line, "erl -name " ++ Name ++ "@" ++ ?HOST ++ " "
+                                  ++ lists:join(" ", Args)},
+                   {crash_slogan, crash_slogan(Dump)}})
+    end.
+
+crash_slogan(File) ->
+    case file:read_file(File) of
+        {ok, Bin} ->
+            [_, Slogan | _] = binary:split(Bin, <<"\n">>, [global]) ++ [<<>>, <<>>],
+            binary_to_list(Slogan);
+        _ -> none
+    end.
+
+%% Remember started nodes: in the pid file for bench/run's exit trap, and in
+%% the process dictionary for orderly stops between carriers.
+track(Peer, OsPid) ->
+    put(nodes, [{Peer, OsPid} | get_nodes()]),
+    {ok, F} = file:open(pidfile(), [append]),
+    ok = io:format(F, "~p~n", [OsPid]),
+    ok = file:close(F).
+
+pidfile() -> os:getenv("MACULA_BENCH_PIDFILE").
+
+get_nodes() ->
+    case get(nodes) of
+        undefined -> [];
+        L -> L
+    end.
+
+stop_all_nodes() ->
+    [stop_node(P, OsPid) || {P, OsPid} <- get_nodes()],
+    put(nodes, []),
+    ok.
+
+stop_node(Peer, OsPid) ->
+    catch peer:stop(Peer),
+    wait_exit(OsPid, 50).
+
+%% Give the node up to ~5 s to halt, then SIGKILL it.
+wait_exit(OsPid, 0) ->
+    os:cmd("kill -9 " ++ integer_to_list(OsPid));
+wait_exit(OsPid, N) ->
+    case filelib:is_dir("/proc/" ++ integer_to_list(OsPid)) of
+        false -> ok;
+        true -> timer:sleep(100), wait_exit(OsPid, N - 1)
+    end.
+
+kill_tracked() ->
+    case file:read_file(pidfile()) of
+        {ok, Bin} ->
+            [os:cmd("kill -9 " ++ binary_to_list(P))
+             || P <- binary:split(Bin, <<"\n">>, [global, trim_all])];
+        _ -> ok
+    end.
+
+%%--------------------------------------------------------------------
+%% TLS configuration: mutual TLS, TLS 1.3 only. bench/run generates the
+%% certificates with openssl; without openssl we make them here.
+
+tls_optfile(Name, #{tmp := Tmp, certs := Certs0}) ->
+    Certs = case Certs0 of
+                "" -> erlang_certs(filename:join(Tmp, "certs"));
+                _ -> Certs0
+            end,
+    Common = [{certfile, filename:join(Certs, "node.pem")},
+              {keyfile, filename:join(Certs, "node.key")},
+              {cacertfile, filename:join(Certs, "ca.pem")},
+              {verify, verify_peer},
+              {versions, ['tlsv1.3']}],
+    Conf = [{server, [{fail_if_no_peer_cert, true} | Common]},
+            {client, Common}],
+    File = filename:join(Tmp, "ssl_dist-" ++ Name ++ ".conf"),
+    ok = file:write_file(File, io_lib:format("~p.~n", [Conf])),
+    File.
+
+%% One CA and one node certificate (EC P-256, SAN IP 127.0.0.1) shared by
+%% both nodes for the server and the client role.
+erlang_certs(Dir) ->
+    case filelib:is_regular(filename:join(Dir, "node.pem")) of
+        true -> Dir;
+        false ->
+            ok = filelib:ensure_dir(filename:join(Dir, "x")),
+            Key = {key, {namedCurve, secp256r1}},
+            San = {extensions,
+                   [{'Extension', ?'id-ce-subjectAltName', false,
+                     [{iPAddress, [127, 0, 0, 1]}, {dNSName, "localhost"}]}]},
+            #{server_config := S} =
+                public_key:pkix_test_data(
+                  #{server_chain => #{root => [Key], intermediates => [], peer => [Key, San]},
+                    client_chain => #{root => [Key], intermediates => [], peer => [Key]}}),
+            {KeyType, KeyDer} = proplists:get_value(key, S),
+            Pem = fun(F, Entries) ->
+                          ok = file:write_file(filename:join(Dir, F),
+                                               public_key:pem_encode(Entries))
+                  end,
+            Pem("node.pem", [{'Certificate', proplists:get_value(cert, S), not_encrypted}]),
+            Pem("node.key", [{KeyType, KeyDer, not_encrypted}]),
+            %% cacerts = [server root, client root]; trust both.
+            Pem("ca.pem", [{'Certificate', D, not_encrypted}
+                           || D <- proplists:get_value(cacerts, S)]),
+            Dir
+    end.
+
+%%--------------------------------------------------------------------
+%% The measurement sequence for one carrier.
+
+measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ctx) ->
+    #{connects := NConn, rtts := NRtt, erpcs := NErpc,
+      duration := Dur, budget := Budget} = Cfg,
+    %% First connection doubles as warm-up (code loading, e.g. ssl on TLS).
+    {ok, _} = call(PA, ?MODULE, timed_connect, [NB]),
+    ok = call(PB, ?MODULE, wait_present, [NA]),
+
+    log(C, "connection setup x~p", [NConn]),
+    Setups = [connect_cycle(A, B) || _ <- lists:seq(1, NConn)],
+    SetupMs = median(Setups) / 1000,
+
+    %% From here on the connection must stay up; count any nodedown.
+    ok = call(PA, ?MODULE, watch_start, [NB]),
+    ok = call(PB, ?MODULE, watch_start, [NA]),
+
+    log(C, "message round trips x~p", [NRtt]),
+    Rtt = call(PA, ?MODULE, rtt, [NB, NRtt]),
+    log(C, "erpc:call round trips x~p", [NErpc]),
+    Erpc = call(PA, ?MODULE, erpc_rtt, [NB, NErpc]),
+
+    log(C, "throughput 1 MiB"),
+    Cpu0 = {cpu_secs(A, Ctx), cpu_secs(B, Ctx)},
+    T1M = call(PA, ?MODULE, throughput, [NB, 1 bsl 20, 8, 1, Dur, Budget]),
+    Cpu1 = {cpu_secs(A, Ctx), cpu_secs(B, Ctx)},
+    log(C, "throughput 64 KiB"),
+    T64 = call(PA, ?MODULE, throughput, [NB, 1 bsl 16, 8, 1, Dur, Budget]),
+    log(C, "throughput 64 KiB x8 senders"),
+    T64x8 = call(PA, ?MODULE, parallel_throughput, [NB, 1 bsl 16, 8, 1, Dur, Budget, 8]),
+    log(C, "100-byte message rate"),
+    T100 = call(PA, ?MODULE, throughput, [NB, 100, 4, 1000, Dur, Budget]),
+
+    case {call(PA, ?MODULE, watch_count, []), call(PB, ?MODULE, watch_count, [])} of
+        {0, 0} -> ok;
+        Downs -> error({connection_dropped_during_measurement, {nodedowns_a_b, Downs}})
+    end,
+
+    GB = maps:get(bytes, T1M) / 1.0e9,
+    {{CpuA0, CpuB0}, {CpuA1, CpuB1}} = {Cpu0, Cpu1},
+    [log(C, "~s: ~p bytes in ~.2f s", [L, maps:get(bytes, T), maps:get(secs, T)])
+     || {L, T} <- [{"1 MiB", T1M}, {"64 KiB", T64}, {"64 KiB x8", T64x8}, {"100 B", T100}]],
+    #{setup_ms => SetupMs,
+      rtt_p50 => maps:get(p50, Rtt), rtt_p99 => maps:get(p99, Rtt),
+      erpc_p50 => maps:get(p50, Erpc), erpc_p99 => maps:get(p99, Erpc),
+      tp_1m => maps:get(mb_s, T1M), tp_64k => maps:get(mb_s, T64),
+      tp_64k_x8 => maps:get(mb_s, T64x8), rate_100b => maps:get(msgs_s, T100) / 1000,
+      cpu_a => (CpuA1 - CpuA0) / GB, cpu_b => (CpuB1 - CpuB0) / GB,
+      cpu_ab => (CpuA1 - CpuA0 + CpuB1 - CpuB0) / GB,
+      rss_a => vm_hwm_mib(A), rss_b => vm_hwm_mib(B)}.
+
+%% Tear the connection down until neither side lists the other, then time a
+%% fresh connect on A. Retries if something re-connected behind our back
+%% (auto-connect), so a reused connection is never timed.
+connect_cycle(A, B) -> connect_cycle(A, B, 3).
+
+connect_cycle(A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Tries) ->
+    ok = call(PA, ?MODULE, disconnect, [NB]),
+    ok = call(PB, ?MODULE, wait_gone, [NA]),
+    case call(PA, ?MODULE, timed_connect, [NB]) of
+        {ok, Us} ->
+            ok = call(PB, ?MODULE, wait_present, [NA]),
+            Us;
+        already_connected when Tries > 0 ->
+            connect_cycle(A, B, Tries - 1)
+    end.
+
+call(Peer, M, F, A) ->
+    peer:call(Peer, M, F, A, ?CALL_TIMEOUT).
+
+%% utime + stime of the whole beam process (all threads, including any NIF
+%% runtime threads), in seconds.
+cpu_secs(#{ospid := Pid}, #{clk_tck := Hz}) ->
+    {ok, Bin} = file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/stat"),
+    %% Fields after the ")" that closes the command name start at field 3.
+    [_, Rest] = string:split(binary_to_list(Bin), ")", trailing),
+    Fields = string:lexemes(Rest, " "),
+    Utime = list_to_integer(lists:nth(14 - 2, Fields)),
+    Stime = list_to_integer(lists:nth(15 - 2, Fields)),
+    (Utime + Stime) / Hz.
+
+vm_hwm_mib(#{ospid := Pid}) ->
+    {ok, Bin} = file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/status"),
+    {match, [Kb]} = re:run(Bin, "VmHWM:\\s+(\\d+) kB", [{capture, all_but_first, list}]),
+    list_to_integer(Kb) / 1024.
+
+%%====================================================================
+%% Functions run on node A (or B) through peer:call
+%%====================================================================
+
+disconnect(Node) ->
+    _ = erlang:disconnect_node(Node),
+    wait_gone(Node).
+
+%% nodes(connected) also lists pending connections: wait for a clean slate.
+wait_gone(Node) ->
+    wait_until(fun() -> not lists:member(Node, nodes(connected)) end, {still_connected, Node}).
+
+wait_present(Node) ->
+    wait_until(fun() -> lists:member(Node, nodes()) end, {not_connected, Node}).
+
+wait_until(Pred, What) ->
+    Deadline = erlang:monotonic_time(millisecond) + ?WAIT_TIMEOUT,
+    wait_until(Pred, What, Deadline).
+
+wait_until(Pred, What, Deadline) ->
+    case Pred() of
+        true -> ok;
+        false ->
+            erlang:monotonic_time(millisecond) < Deadline orelse error({timeout, What}),
+            timer:sleep(1),
+            wait_until(Pred, What, Deadline)
+    end.
+
+timed_connect(Node) ->
+    case lists:member(Node, nodes(connected)) of
+        true -> already_connected;
+        false ->
+            T0 = erlang:monotonic_time(),
+            Result = net_kernel:connect_node(Node),
+            T1 = erlang:monotonic_time(),
+            Result =:= true orelse error({connect_failed, Node, Result}),
+            {ok, to_us(T1 - T0)}
+    end.
+
+%% A registered process that counts nodedowns of Node from now on.
+watch_start(Node) ->
+    Parent = self(),
+    Pid = spawn(fun() ->
+                        ok = net_kernel:monitor_nodes(true),
+                        Parent ! {self(), ready},
+                        watch_loop(Node, 0)
+                end),
+    register(macula_bench_watch, Pid),
+    receive {Pid, ready} -> ok end.
+
+watch_loop(Node, N) ->
+    receive
+        {nodedown, Node} -> watch_loop(Node, N + 1);
+        {count, From} -> From ! {count, N}, watch_loop(Node, N);
+        _ -> watch_loop(Node, N)
+    end.
+
+watch_count() ->
+    macula_bench_watch ! {count, self()},
+    receive {count, N} -> N after 5000 -> error(watch_timeout) end.
+
+%%--------------------------------------------------------------------
+%% Latency
+
+%% Ping-pong a small integer with an echo process on Node.
+rtt(Node, N) ->
+    Echo = spawn_link(Node, ?MODULE, echo, [self()]),
+    _ = ping_pong(Echo, 500, []),                     % warm-up
+    Samples = ping_pong(Echo, N, []),
+    Echo ! stop,
+    stats(Samples).
+
+ping_pong(_Echo, 0, Acc) -> Acc;
+ping_pong(Echo, N, Acc) ->
+    T0 = erlang:monotonic_time(),
+    Echo ! N,
+    receive N -> ok end,
+    T1 = erlang:monotonic_time(),
+    ping_pong(Echo, N - 1, [T1 - T0 | Acc]).
+
+echo(From) ->
+    receive
+        stop -> ok;
+        Msg -> From ! Msg, echo(From)
+    end.
+
+erpc_rtt(Node, N) ->
+    _ = [erpc:call(Node, erlang, node, []) || _ <- lists:seq(1, 100)],  % warm-up
+    stats([begin
+               T0 = erlang:monotonic_time(),
+               Node = erpc:call(Node, erlang, node, []),
+               erlang:monotonic_time() - T0
+           end || _ <- lists:seq(1, N)]).
+
+%% Native-unit samples -> microsecond percentiles.
+stats(Samples) ->
+    Sorted = list_to_tuple(lists:sort(Samples)),
+    Pct = fun(P) -> to_us(element(max(1, ceil(P * tuple_size(Sorted))), Sorted)) end,
+    #{p50 => Pct(0.50), p99 => Pct(0.99)}.
+
+to_us(Native) ->
+    erlang:convert_time_unit(Native * 1000, native, microsecond) / 1000.
+
+median(L) ->
+    S = lists:sort(L),
+    N = length(S),
+    case N rem 2 of
+        1 -> lists:nth(N div 2 + 1, S);
+        0 -> (lists:nth(N div 2, S) + lists:nth(N div 2 + 1, S)) / 2
+    end.
+
+%%--------------------------------------------------------------------
+%% Throughput. The receiver acks every AckEvery messages; the sender keeps
+%% at most Window * AckEvery messages un-acked, so what we measure is data
+%% actually delivered to a process on B, not data queued on A.
+
+throughput(Node, Size, Window, AckEvery, DurMs, Budget) ->
+    parallel_throughput(Node, Size, Window, AckEvery, DurMs, Budget, 1).
+
+%% N independent sender (on A) / receiver (on B) pairs, started together,
+%% sharing one deadline and splitting the byte budget.
+parallel_throughput(Node, Size, Window, AckEvery, DurMs, Budget, N) ->
+    %% Random payload: no layer gets to win by compressing it.
+    Payload = rand:bytes(Size),
+    MaxMsgs = max(1, Budget div (Size * N)),
+    Self = self(),
+    T0 = erlang:monotonic_time(),
+    Deadline = T0 + erlang:convert_time_unit(DurMs, millisecond, native),
+    Workers = [spawn_link(fun() ->
+                                  Self ! {self(), stream(Node, Payload, Window, AckEvery,
+                                                         MaxMsgs, Deadline)}
+                          end) || _ <- lists:seq(1, N)],
+    Results = [receive {W, R} -> R end || W <- Workers],
+    T1 = lists:max([End || {_, _, End} <- Results]),
+    Secs = to_us(T1 - T0) / 1.0e6,
+    Msgs = lists:sum([M || {M, _, _} <- Results]),
+    Bytes = lists:sum([B || {_, B, _} <- Results]),
+    #{bytes => Bytes, msgs => Msgs, secs => Secs,
+      mb_s => Bytes / Secs / 1.0e6, msgs_s => Msgs / Secs}.
+
+%% -> {MessagesDelivered, BytesDelivered, EndTime}
+stream(Node, Payload, Window, AckEvery, MaxMsgs, Deadline) ->
+    Rcv = spawn_link(Node, ?MODULE, receiver, [self(), AckEvery]),
+    Sent = send_loop(Rcv, Payload, 0, 0, Window * AckEvery, MaxMsgs, Deadline),
+    %% Dist keeps per-pair order, so 'done' arrives after the last payload.
+    Rcv ! {done, self()},
+    receive
+        {received, Msgs, Bytes} ->
+            End = erlang:monotonic_time(),
+            Msgs =:= Sent orelse error({lost_messages, Sent, Msgs}),
+            Bytes =:= Sent * byte_size(Payload) orelse error({lost_bytes, Bytes}),
+            {Msgs, Bytes, End}
+    after ?ACK_TIMEOUT -> error({stalled, final_count})
+    end.
+
+send_loop(_Rcv, _P, Sent, _InFlight, _Max, MaxMsgs, _Deadline) when Sent >= MaxMsgs ->
+    Sent;
+send_loop(Rcv, P, Sent, InFlight, Max, MaxMsgs, Deadline) when InFlight >= Max ->
+    receive
+        {ack, K} -> send_loop(Rcv, P, Sent, InFlight - K, Max, MaxMsgs, Deadline)
+    after ?ACK_TIMEOUT -> error({stalled, {sent, Sent}, {in_flight, InFlight}})
+    end;
+send_loop(Rcv, P, Sent, InFlight, Max, MaxMsgs, Deadline) ->
+    case erlang:monotonic_time() >= Deadline of
+        true -> Sent;
+        false ->
+            Rcv ! P,
+            send_loop(Rcv, P, Sent + 1, InFlight + 1, Max, MaxMsgs, Deadline)
+    end.
+
+receiver(Sender, AckEvery) -> receiver(Sender, AckEvery, 0, 0, 0).
+
+receiver(Sender, AckEvery, Pending, Msgs, Bytes) ->
+    receive
+        Bin when is_binary(Bin) ->
+            case Pending + 1 of
+                AckEvery ->
+                    Sender ! {ack, AckEvery},
+                    receiver(Sender, AckEvery, 0, Msgs + 1, Bytes + byte_size(Bin));
+                P ->
+                    receiver(Sender, AckEvery, P, Msgs + 1, Bytes + byte_size(Bin))
+            end;
+        {done, Sender} ->
+            Sender ! {received, Msgs, Bytes}
+    end.
+
+%%====================================================================
+%% Report
+%%====================================================================
+
+%% {Key, Label, Decimals}
+metrics() ->
+    [{setup_ms,  "connection setup, median (ms)", 2},
+     {rtt_p50,   "message round trip p50 (us)", 1},
+     {rtt_p99,   "message round trip p99 (us)", 1},
+     {erpc_p50,  "erpc:call round trip p50 (us)", 1},
+     {erpc_p99,  "erpc:call round trip p99 (us)", 1},
+     {tp_1m,     "throughput 1 MiB msgs (MB/s)", 0},
+     {tp_64k,    "throughput 64 KiB msgs (MB/s)", 0},
+     {tp_64k_x8, "throughput 64 KiB x8 senders (MB/s)", 0},
+     {rate_100b, "100 B msgs (k msg/s)", 1},
+     {cpu_a,     "CPU s/GB, sender node (1 MiB run)", 2},
+     {cpu_b,     "CPU s/GB, receiver node (1 MiB run)", 2},
+     {cpu_ab,    "CPU s/GB, both nodes (1 MiB run)", 2},
+     {rss_a,     "peak RSS sender node (MiB)", 1},
+     {rss_b,     "peak RSS receiver node (MiB)", 1}].
+
+render(All, Cfg) ->
+    Header = ["metric", "tcp", "tls", "macula", "macula/tcp", "macula/tls"],
+    Get = fun(C) -> proplists:get_value(C, All) end,
+    Rows = [[Label | [cell(Get(C), K, D) || C <- [tcp, tls, macula]]
+             ++ [ratio(Get(macula), Get(O), K) || O <- [tcp, tls]]]
+            || {K, Label, D} <- metrics()],
+    Notes = notes(All, Cfg),
+    #{text => [text_table([Header | Rows]), Notes],
+      markdown => [md_table([Header | Rows]), "\n", Notes]}.
+
+cell({ok, R}, K, D) -> num(maps:get(K, R), D);
+cell({error, _}, _, _) -> "FAILED";
+cell(skipped, _, _) -> "skipped".
+
+ratio({ok, M}, {ok, O}, K) ->
+    case maps:get(K, O) of
+        V when V == 0 -> "-";
+        V -> num(maps:get(K, M) / V, 2) ++ "x"
+    end;
+ratio(_, _, _) -> "-".
+
+num(V, 0) -> integer_to_list(round(V));
+num(V, D) -> float_to_list(float(V), [{decimals, D}]).
+
+text_table(Rows) ->
+    Widths = col_widths(Rows),
+    [Hdr | Body] = [format_row(R, Widths, "  ") || R <- Rows],
+    Rule = lists:duplicate(lists:sum(Widths) + 2 * (length(Widths) - 1), $-),
+    [Hdr, Rule, "\n" | Body].
+
+md_table(Rows = [Hdr | Body]) ->
+    Widths = col_widths(Rows),
+    Sep = ["|", lists:join("|", [[$-, lists:duplicate(W, $-), $-] || W <- Widths]), "|\n"],
+    [md_row(Hdr, Widths), Sep | [md_row(R, Widths) || R <- Body]].
+
+md_row(R, Widths) -> ["| ", string:trim(format_row(R, Widths, " | "), trailing, "\n"), " |\n"].
+
+col_widths(Rows) ->
+    [lists:max([string:length(lists:nth(I, R)) || R <- Rows])
+     || I <- lists:seq(1, length(hd(Rows)))].
+
+%% First column left-aligned, numbers right-aligned.
+format_row([First | Rest], [W1 | Ws], Sep) ->
+    [string:pad(First, W1, trailing), Sep,
+     lists:join(Sep, [string:pad(C, W, leading) || {C, W} <- lists:zip(Rest, Ws)]), "\n"].
+
+notes(All, #{duration := Dur, budget := Budget, connects := NC, rtts := NR, erpcs := NE}) ->
+    Failures = [io_lib:format("~p failed: ~0p~n", [C, R]) || {C, {error, R}} <- All],
+    [io_lib:format("~nLoopback, one host (~s), OTP ~s. Connection setup: median of ~p; "
+                   "round trips: ~p messages, ~p erpc calls.~n"
+                   "Throughput runs: ~.1f s or ~p MB each (whichever first), window 8 "
+                   "(100 B: ack every 1000, 4 batches in flight). MB = 10^6 bytes.~n"
+                   "Ratios are macula/other: >1 is better for throughput, <1 for "
+                   "latency, CPU and RSS.~n",
+                   [cpu_model(), erlang:system_info(otp_release), NC, NR, NE,
+                    Dur / 1000, Budget div 1000000]),
+     Failures].
+
+cpu_model() ->
+    N = erlang:system_info(logical_processors),
+    Model = case file:read_file("/proc/cpuinfo") of
+                {ok, Bin} ->
+                    case re:run(Bin, "model name\\s*:\\s*([^\\n]+)", [{capture, all_but_first, list}]) of
+                        {match, [M]} -> M;
+                        _ -> "unknown cpu"
+                    end;
+                _ -> "unknown cpu"
+            end,
+    io_lib:format("~p x ~s", [N, Model]).
+
+%%--------------------------------------------------------------------
+
+log(C, Fmt) -> log(C, Fmt, []).
+log(C, Fmt, Args) -> err("[~p] " ++ Fmt ++ "~n", [C | Args]).
+
+%% Progress goes to stderr; stdout carries only the table.
+err(Fmt, Args) -> io:format(standard_error, Fmt, Args).

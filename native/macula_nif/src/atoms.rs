@@ -1,0 +1,48 @@
+//! Atoms shared by the NIF functions and the messages they send.
+
+rustler::atoms! {
+    ok,
+    error,
+    busy,
+    closed,
+    handshake_over,
+    too_large,
+    // Messages.
+    macula_incoming,
+    macula_refused,
+    macula_connect,
+    macula_handshake,
+    macula_data,
+    macula_writable,
+    macula_closed,
+    macula_endpoint_closed,
+    // Close reasons.
+    connection_closed,
+    net_tick_timeout,
+    peer_closed,
+    protocol_violation,
+    not_authenticated,
+    transport_error,
+    // Error kinds.
+    bind,
+    tls,
+    resolve,
+    connect,
+    // Info keys.
+    peer,
+    local,
+    protocol,
+    quic,
+    tls_version,
+    cipher_suite,
+    alpn,
+    rtt_us,
+    initiator,
+    mtu,
+    lost_packets,
+    sent_packets,
+    congestion_window,
+    received,
+    sent,
+    pending,
+}

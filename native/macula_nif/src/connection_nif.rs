@@ -1,0 +1,187 @@
+//! NIFs on one distribution connection. Each returns at once; waiting happens in tokio.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use macula_quic::frame::push_data_frame;
+use macula_quic::{ConnError, Connection, SendStatus};
+use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
+
+use crate::events::{self, send, ErlangEvents};
+use crate::{atoms, runtime, terms};
+
+/// A connection as Erlang holds it. When the monitored owner (the controller) dies, or
+/// the last reference goes, the QUIC connection is closed.
+pub struct ConnResource {
+    pub conn: Arc<Connection<ErlangEvents>>,
+}
+
+impl ConnResource {
+    pub fn new(conn: Arc<Connection<ErlangEvents>>) -> Self {
+        ConnResource { conn }
+    }
+}
+
+#[rustler::resource_impl]
+impl Resource for ConnResource {
+    const IMPLEMENTS_DOWN: bool = true;
+
+    fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
+        self.conn.close();
+    }
+}
+
+impl Drop for ConnResource {
+    fn drop(&mut self) {
+        self.conn.close();
+    }
+}
+
+type Conn = ResourceArc<ConnResource>;
+
+fn error_term<'a>(env: Env<'a>, error: ConnError) -> Term<'a> {
+    let reason = match error {
+        ConnError::Closed => atoms::closed(),
+        ConnError::HandshakeOver => atoms::handshake_over(),
+        ConnError::Frame(_) => atoms::too_large(),
+    };
+    (atoms::error(), reason).encode(env)
+}
+
+fn ok_or_error<'a>(env: Env<'a>, result: Result<(), ConnError>) -> Term<'a> {
+    match result {
+        Ok(()) => atoms::ok().encode(env),
+        Err(e) => error_term(env, e),
+    }
+}
+
+/// Makes `owner` the controller: it is monitored (its death closes the connection) and
+/// gets `macula_writable` and `{macula_closed, Reason}`.
+#[rustler::nif]
+fn set_owner<'a>(env: Env<'a>, conn: Conn, owner: LocalPid) -> Term<'a> {
+    events::set(&conn.conn.events().owner, owner);
+    if env.monitor(&conn, &owner).is_none() {
+        conn.conn.close();
+        return error_term(env, ConnError::Closed);
+    }
+    if let (Some(reason), Some(runtime)) = (conn.conn.close_reason().cloned(), runtime::get()) {
+        // Closed before it had an owner: tell the new one (from a tokio thread).
+        runtime.spawn(async move {
+            send(&owner, |env| (atoms::macula_closed(), terms::close_reason(env, &reason)).encode(env));
+        });
+    }
+    atoms::ok().encode(env)
+}
+
+/// Sends one handshake message on the control stream.
+#[rustler::nif]
+fn send_handshake<'a>(env: Env<'a>, conn: Conn, message: Term<'a>) -> NifResult<Term<'a>> {
+    let message = Binary::from_iolist(message)?;
+    Ok(ok_or_error(env, conn.conn.send_handshake(&message)))
+}
+
+/// Asks for the next handshake message; it arrives as `{macula_handshake, Binary}`.
+#[rustler::nif]
+fn recv_handshake(env: Env, conn: Conn) -> Term {
+    events::set(&conn.conn.events().handshake_reader, env.pid());
+    ok_or_error(env, conn.conn.request_handshake_frame())
+}
+
+/// Ends the handshake: data packets now flow to `input` as `{macula_data, [Packet]}`.
+#[rustler::nif]
+fn activate(env: Env, conn: Conn, input: LocalPid) -> Term {
+    events::set(&conn.conn.events().input, input);
+    ok_or_error(env, conn.conn.activate())
+}
+
+/// The input handler has consumed one `macula_data` message.
+#[rustler::nif]
+fn ack_data(conn: Conn) -> rustler::Atom {
+    conn.conn.ack_data();
+    atoms::ok()
+}
+
+/// Queues distribution packets (a list of iodata, one element per packet). Answers
+/// `busy` when the queue is full: stop draining until `macula_writable`.
+#[rustler::nif]
+fn send_data<'a>(env: Env<'a>, conn: Conn, packets: Vec<Term<'a>>) -> NifResult<Term<'a>> {
+    let mut parts: Vec<Vec<&'a [u8]>> = Vec::with_capacity(packets.len());
+    for packet in &packets {
+        let mut slices = Vec::new();
+        if collect_slices(*packet, &mut slices).is_err() {
+            slices.clear();
+            slices.push(Binary::from_iolist(*packet)?.as_slice());
+        }
+        parts.push(slices);
+    }
+    let total: usize = parts.iter().map(|p| 4 + p.iter().map(|s| s.len()).sum::<usize>()).sum();
+    let mut framed = Vec::with_capacity(total);
+    for slices in &parts {
+        if push_data_frame(&mut framed, slices).is_err() {
+            return Ok(error_term(env, ConnError::Frame(macula_quic::frame::FrameError::TooLarge { len: 0, max: 0 })));
+        }
+    }
+    Ok(match conn.conn.send_data(Bytes::from(framed), parts.len() as u64) {
+        Ok(SendStatus::Ready) => atoms::ok().encode(env),
+        Ok(SendStatus::Busy) => atoms::busy().encode(env),
+        Err(e) => error_term(env, e),
+    })
+}
+
+/// Collects the binaries of an iovec (a binary, or nested lists of binaries).
+fn collect_slices<'a>(term: Term<'a>, out: &mut Vec<&'a [u8]>) -> NifResult<()> {
+    if let Ok(binary) = term.decode::<Binary<'a>>() {
+        out.push(binary.as_slice());
+        return Ok(());
+    }
+    let list: rustler::ListIterator<'a> = term.decode()?;
+    for element in list {
+        collect_slices(element, out)?;
+    }
+    Ok(())
+}
+
+/// Queues a tick on the control stream.
+#[rustler::nif]
+fn tick(conn: Conn) -> rustler::Atom {
+    conn.conn.tick();
+    atoms::ok()
+}
+
+/// `{Received, Sent, PendingBytes}` for `mf_getstat`.
+#[rustler::nif]
+fn stats(conn: Conn) -> (u64, u64, u64) {
+    let stats = conn.conn.stats();
+    (stats.received, stats.sent, stats.pending)
+}
+
+/// Closes the connection normally.
+#[rustler::nif]
+fn close(conn: Conn) -> rustler::Atom {
+    conn.conn.close();
+    atoms::ok()
+}
+
+/// Facts about the connection: addresses, TLS, path.
+#[rustler::nif]
+fn info(env: Env, conn: Conn) -> NifResult<Term> {
+    let c = &conn.conn;
+    let quic = c.quic();
+    let path = quic.stats().path;
+    let local = quic.local_ip().map(|ip| ip.to_string()).unwrap_or_default();
+    let pairs: Vec<(Term, Term)> = vec![
+        (atoms::peer().encode(env), terms::encode_addr(env, c.remote_address())),
+        (atoms::local().encode(env), terms::text(env, &local)),
+        (atoms::protocol().encode(env), atoms::quic().encode(env)),
+        (atoms::tls_version().encode(env), terms::text(env, macula_quic::tls::TLS_VERSION)),
+        (atoms::cipher_suite().encode(env), terms::text(env, macula_quic::tls::CIPHER_SUITE)),
+        (atoms::alpn().encode(env), terms::bytes(env, macula_quic::tls::ALPN)),
+        (atoms::rtt_us().encode(env), (quic.rtt().as_micros() as u64).encode(env)),
+        (atoms::mtu().encode(env), path.current_mtu.encode(env)),
+        (atoms::lost_packets().encode(env), path.lost_packets.encode(env)),
+        (atoms::sent_packets().encode(env), path.sent_packets.encode(env)),
+        (atoms::congestion_window().encode(env), path.cwnd.encode(env)),
+        (atoms::initiator().encode(env), c.is_initiator().encode(env)),
+    ];
+    Term::map_from_pairs(env, &pairs)
+}

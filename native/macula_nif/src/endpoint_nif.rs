@@ -1,0 +1,150 @@
+//! NIFs on a node's endpoint: open it, accept on it, connect from it, close it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use macula_quic::node_name::{Host, NodeAddress};
+use macula_quic::{BindError, Connection, Endpoint};
+use rustler::{Encoder, Env, LocalPid, NifResult, Resource, ResourceArc, Term};
+
+use crate::connection_nif::ConnResource;
+use crate::events::{send, ErlangEvents};
+use crate::terms::{self, EndpointOptions};
+use crate::{atoms, runtime};
+
+/// A bound endpoint, held by `macula_dist` as its listen handle.
+pub struct EndpointResource {
+    endpoint: Arc<Endpoint>,
+    accepting: AtomicBool,
+}
+
+#[rustler::resource_impl]
+impl Resource for EndpointResource {}
+
+/// How long `close_endpoint` lets CONNECTION_CLOSE frames drain before it reports.
+const CLOSE_DRAIN: Duration = Duration::from_millis(500);
+
+/// Binds the node's UDP endpoint. Fast: a socket bind and an ephemeral key.
+#[rustler::nif]
+fn listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOptions) -> NifResult<Term<'a>> {
+    let addr = SocketAddr::new(terms::decode_ip(ip)?, port);
+    let runtime = match runtime::get_or_start(options.runtime_workers) {
+        Ok(runtime) => runtime,
+        Err(e) => return Ok(terms::error(env, atoms::bind(), &format!("cannot start runtime: {e}"))),
+    };
+    let _context = runtime.enter();
+    match Endpoint::bind(addr, options.settings()) {
+        Ok(endpoint) => {
+            let resource = ResourceArc::new(EndpointResource { endpoint: Arc::new(endpoint), accepting: AtomicBool::new(false) });
+            Ok((atoms::ok(), resource).encode(env))
+        }
+        Err(BindError::Tls(e)) => Ok(terms::error(env, atoms::tls(), &e.to_string())),
+        Err(e) => Ok(terms::error(env, atoms::bind(), &e.to_string())),
+    }
+}
+
+/// The bound `{Ip, Port}`.
+#[rustler::nif]
+fn endpoint_address<'a>(env: Env<'a>, endpoint: ResourceArc<EndpointResource>) -> Term<'a> {
+    match endpoint.endpoint.local_addr() {
+        Ok(addr) => (atoms::ok(), terms::encode_addr(env, addr)).encode(env),
+        Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
+    }
+}
+
+/// Starts accepting. `acceptor` gets `{macula_incoming, Conn, PeerAddr}` for each
+/// connection whose QUIC handshake completed, and `{macula_refused, PeerAddr, Why}` for
+/// each one that did not. Only the first call starts the loop.
+#[rustler::nif]
+fn accept(endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> NifResult<rustler::Atom> {
+    let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
+    if endpoint.accepting.swap(true, Ordering::AcqRel) {
+        return Ok(atoms::ok());
+    }
+    let endpoint = endpoint.endpoint.clone();
+    runtime.spawn(async move {
+        let settings = endpoint.settings().clone();
+        let on_connection = move |established: macula_quic::Established| {
+            let peer = established.quic.remote_address();
+            let conn = Connection::start(established.quic, established.control, false, ErlangEvents::default(), settings.clone());
+            let resource = ResourceArc::new(ConnResource::new(conn));
+            send(&acceptor, |env| (atoms::macula_incoming(), resource, terms::encode_addr(env, peer)).encode(env));
+        };
+        let on_refused = move |peer: SocketAddr, why: macula_quic::AcceptError| {
+            send(&acceptor, |env| (atoms::macula_refused(), terms::encode_addr(env, peer), terms::text(env, &why.to_string())).encode(env));
+        };
+        endpoint.accept_loop(on_connection, on_refused).await;
+    });
+    Ok(atoms::ok())
+}
+
+/// Connects to `Port@Host` in the background. The caller gets `{macula_connect,
+/// {ok, Conn}}` or `{macula_connect, {error, {Kind, Message}}}`; `owner` (the
+/// controller) is monitored and gets the connection's events.
+#[rustler::nif]
+fn connect(env: Env, endpoint: ResourceArc<EndpointResource>, host: String, port: u16, owner: LocalPid) -> NifResult<rustler::Atom> {
+    let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
+    let caller = env.pid();
+    let endpoint = endpoint.endpoint.clone();
+    runtime.spawn(async move {
+        let reply = |build: &dyn for<'b> Fn(Env<'b>) -> Term<'b>| {
+            send(&caller, |env| (atoms::macula_connect(), build(env)).encode(env));
+        };
+        let address = match Host::parse(&host) {
+            Ok(host) => NodeAddress { port, host },
+            Err(e) => return reply(&|env| terms::error(env, atoms::resolve(), &e.to_string())),
+        };
+        let addr = match address.resolve().await {
+            Ok(addr) => addr,
+            Err(e) => return reply(&|env| terms::error(env, atoms::resolve(), &e.to_string())),
+        };
+        match endpoint.connect(addr).await {
+            Ok(established) => {
+                let conn = Connection::start(
+                    established.quic,
+                    established.control,
+                    true,
+                    ErlangEvents::with_owner(owner),
+                    endpoint.settings().clone(),
+                );
+                let resource = ResourceArc::new(ConnResource::new(conn));
+                if resource.monitor(None, &owner).is_none() {
+                    resource.conn.close();
+                }
+                reply(&|env| (atoms::ok(), resource.clone()).encode(env));
+            }
+            Err(e) => reply(&|env| terms::error(env, atoms::connect(), &e.to_string())),
+        }
+    });
+    Ok(atoms::ok())
+}
+
+/// Closes every connection and the socket; the caller gets `macula_endpoint_closed` once
+/// the close frames are out (or after a short drain time).
+#[rustler::nif]
+fn close_endpoint(env: Env, endpoint: ResourceArc<EndpointResource>) -> rustler::Atom {
+    let endpoint = endpoint.endpoint.clone();
+    endpoint.close();
+    let caller = env.pid();
+    if let Some(runtime) = runtime::get() {
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(CLOSE_DRAIN, endpoint.wait_idle()).await;
+            send(&caller, |env| atoms::macula_endpoint_closed().encode(env));
+        });
+    }
+    atoms::ok()
+}
+
+/// Moves the endpoint to a new local UDP address (connection migration).
+#[rustler::nif]
+fn rebind<'a>(env: Env<'a>, endpoint: ResourceArc<EndpointResource>, ip: Term<'a>, port: u16) -> NifResult<Term<'a>> {
+    let addr = SocketAddr::new(terms::decode_ip(ip)?, port);
+    let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
+    let _context = runtime.enter();
+    Ok(match endpoint.endpoint.rebind(addr) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
+    })
+}

@@ -1,0 +1,13 @@
+//! The rustler edge of `macula_dist`: Erlang terms in, `macula_quic` calls, Erlang
+//! messages out. No NIF here blocks: anything that waits runs on the tokio runtime and
+//! answers with a message. The Erlang stubs and their specs are in
+//! `src/macula_dist_nif.erl`.
+
+mod atoms;
+mod connection_nif;
+mod endpoint_nif;
+mod events;
+mod runtime;
+mod terms;
+
+rustler::init!("macula_dist_nif");

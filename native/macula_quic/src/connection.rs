@@ -1,0 +1,456 @@
+//! One distribution connection over one QUIC connection.
+//!
+//! Streams:
+//! * a bidirectional **control stream**, opened by the connecting side, that carries the
+//!   `dist_util` handshake (2-byte frames) and then ticks (empty frames) at a higher send
+//!   priority than data, so liveness never waits behind bulk traffic;
+//! * one unidirectional **data stream** per direction carrying distribution packets
+//!   (4-byte frames), in order.
+//!
+//! Flow of bytes, outwards: `send_data` (NIF, never blocks) → [`SendQueue`] → data writer
+//! task → QUIC. Inwards: QUIC → data reader task → [`Events::data`], which is only called
+//! while the Erlang input handler holds delivery credit; without credit the reader stops
+//! reading and QUIC flow control pushes back on the sender.
+//!
+//! Nothing here trusts the peer: every malformed frame closes this connection only.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
+use thiserror::Error;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, PacketBuf};
+use crate::settings::Settings;
+
+/// Application close codes sent in QUIC CONNECTION_CLOSE frames.
+pub mod close_code {
+    /// The distribution connection was taken down on purpose.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer broke the framing or stream protocol.
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    /// The peer did not prove it knows the cookie.
+    pub const NOT_AUTHENTICATED: u32 = 2;
+}
+
+/// Where a connection's events go. Implemented by the NIF (Erlang messages) and by tests.
+pub trait Events: Send + Sync + 'static {
+    /// Buffer type decoded data packets are assembled in.
+    type Packet: PacketBuf + Send + 'static;
+    /// A handshake message asked for with [`Connection::request_handshake_frame`].
+    fn handshake_frame(&self, frame: Vec<u8>);
+    /// Complete distribution packets in arrival order; uses one delivery credit.
+    fn data(&self, packets: Vec<Self::Packet>);
+    /// The send queue drained after [`Connection::send_data`] answered [`SendStatus::Busy`].
+    fn writable(&self);
+    /// The connection is gone; called once.
+    fn closed(&self, reason: &CloseReason);
+}
+
+/// Why a connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The peer closed it normally, or restarted (stateless reset).
+    PeerClosed,
+    /// The peer closed it with an error code.
+    PeerError { code: u64, reason: String },
+    /// Nothing was heard from the peer for the idle timeout (`net_ticktime`).
+    TimedOut,
+    /// This side closed it normally.
+    Local,
+    /// This side closed it because the peer broke the protocol.
+    ProtocolViolation(String),
+    /// The peer failed authentication.
+    NotAuthenticated(String),
+    /// QUIC itself failed.
+    Transport(String),
+}
+
+impl CloseReason {
+    fn from_quic(error: &ConnectionError) -> CloseReason {
+        match error {
+            ConnectionError::ApplicationClosed(close) if close.error_code == VarInt::from_u32(close_code::SHUTDOWN) => {
+                CloseReason::PeerClosed
+            }
+            ConnectionError::ApplicationClosed(close) => CloseReason::PeerError {
+                code: close.error_code.into_inner(),
+                reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            },
+            ConnectionError::Reset => CloseReason::PeerClosed,
+            ConnectionError::TimedOut => CloseReason::TimedOut,
+            ConnectionError::LocallyClosed => CloseReason::Local,
+            other => CloseReason::Transport(other.to_string()),
+        }
+    }
+}
+
+/// Answer of [`Connection::send_data`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued; send more.
+    Ready,
+    /// Queued, but the queue is full: stop until [`Events::writable`].
+    Busy,
+}
+
+/// Errors of the operations the Erlang side invokes.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConnError {
+    #[error("connection closed")]
+    Closed,
+    #[error("handshake is over")]
+    HandshakeOver,
+    #[error(transparent)]
+    Frame(#[from] frame::FrameError),
+}
+
+/// Counters for `dist_util`'s tick supervision (`mf_getstat`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Reads from the peer (any stream, ticks included): moves while the peer is alive.
+    pub received: u64,
+    /// Data packets queued plus ticks written.
+    pub sent: u64,
+    /// Bytes queued and not yet handed to QUIC.
+    pub pending: u64,
+}
+
+/// Packets from `send_data` waiting for the data writer.
+#[derive(Default)]
+struct SendQueue {
+    chunks: Mutex<VecDeque<Bytes>>,
+    bytes: AtomicUsize,
+    want_writable: AtomicBool,
+    wake: Notify,
+}
+
+/// Control-stream output: handshake frames, then ticks.
+#[derive(Default)]
+struct ControlOut {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    tick: AtomicBool,
+    wake: Notify,
+}
+
+/// A distribution connection; shared by the NIF resource and the driver tasks.
+pub struct Connection<E: Events> {
+    quic: quinn::Connection,
+    events: E,
+    settings: Arc<Settings>,
+    initiator: bool,
+    control_out: ControlOut,
+    data_out: SendQueue,
+    handshake_credit: Semaphore,
+    data_credit: Semaphore,
+    activated: AtomicBool,
+    activate: Notify,
+    received: AtomicU64,
+    sent: AtomicU64,
+    close_reason: OnceLock<CloseReason>,
+}
+
+impl<E: Events> Connection<E> {
+    /// Starts the driver tasks of an established QUIC connection whose control stream is
+    /// open. Must run inside the tokio runtime.
+    pub fn start(
+        quic: quinn::Connection,
+        control: (SendStream, RecvStream),
+        initiator: bool,
+        events: E,
+        settings: Arc<Settings>,
+    ) -> Arc<Self> {
+        let conn = Arc::new(Connection {
+            quic,
+            events,
+            settings,
+            initiator,
+            control_out: ControlOut::default(),
+            data_out: SendQueue::default(),
+            handshake_credit: Semaphore::new(0),
+            data_credit: Semaphore::new(0),
+            activated: AtomicBool::new(false),
+            activate: Notify::new(),
+            received: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            close_reason: OnceLock::new(),
+        });
+        let (control_send, control_recv) = control;
+        tokio::spawn(conn.clone().watch_close());
+        tokio::spawn(conn.clone().write_control(control_send));
+        tokio::spawn(conn.clone().read_control(control_recv));
+        tokio::spawn(conn.clone().write_data());
+        tokio::spawn(conn.clone().read_data());
+        conn
+    }
+
+    /// The event sink.
+    pub fn events(&self) -> &E {
+        &self.events
+    }
+
+    /// Queues one handshake message; it is framed and sent on the control stream.
+    pub fn send_handshake(&self, message: &[u8]) -> Result<(), ConnError> {
+        self.check_open()?;
+        if self.activated.load(Ordering::Acquire) {
+            return Err(ConnError::HandshakeOver);
+        }
+        let frame = frame::control_frame(message)?;
+        lock(&self.control_out.frames).push_back(frame);
+        self.control_out.wake.notify_one();
+        Ok(())
+    }
+
+    /// Allows one more handshake message to be delivered through [`Events::handshake_frame`].
+    pub fn request_handshake_frame(&self) -> Result<(), ConnError> {
+        self.check_open()?;
+        self.handshake_credit.add_permits(1);
+        Ok(())
+    }
+
+    /// Ends the handshake phase: data stream reading starts with `credit` messages of
+    /// delivery credit, and non-empty control frames become protocol violations.
+    pub fn activate(&self) -> Result<(), ConnError> {
+        self.check_open()?;
+        if !self.activated.swap(true, Ordering::AcqRel) {
+            self.data_credit.add_permits(self.settings.delivery_credit);
+            self.activate.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Returns one delivery credit (the input handler consumed a data message).
+    pub fn ack_data(&self) {
+        self.data_credit.add_permits(1);
+    }
+
+    /// Queues already framed data (`packets` frames in `bytes`). Never blocks.
+    pub fn send_data(&self, bytes: Bytes, packets: u64) -> Result<SendStatus, ConnError> {
+        self.check_open()?;
+        let queue = &self.data_out;
+        let len = bytes.len();
+        lock(&queue.chunks).push_back(bytes);
+        let queued = queue.bytes.fetch_add(len, Ordering::SeqCst) + len;
+        self.sent.fetch_add(packets, Ordering::Relaxed);
+        queue.wake.notify_one();
+        if queued < self.settings.send_queue_limit {
+            return Ok(SendStatus::Ready);
+        }
+        queue.want_writable.store(true, Ordering::SeqCst);
+        // The writer may have drained the queue before it could see the flag.
+        if queue.bytes.load(Ordering::SeqCst) <= self.low_watermark() && queue.want_writable.swap(false, Ordering::SeqCst) {
+            return Ok(SendStatus::Ready);
+        }
+        Ok(SendStatus::Busy)
+    }
+
+    /// Asks for a tick on the control stream. Ticks requested while one is queued merge.
+    pub fn tick(&self) {
+        self.control_out.tick.store(true, Ordering::Release);
+        self.control_out.wake.notify_one();
+    }
+
+    /// Counters for tick supervision.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            received: self.received.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            pending: self.data_out.bytes.load(Ordering::Relaxed) as u64,
+        }
+    }
+
+    /// Closes the connection normally (idempotent).
+    pub fn close(&self) {
+        self.close_with(CloseReason::Local, close_code::SHUTDOWN, b"shutdown");
+    }
+
+    /// Closes the connection, recording `reason` as what the owner is told.
+    pub fn close_with(&self, reason: CloseReason, code: u32, wire_reason: &[u8]) {
+        let _ = self.close_reason.set(reason);
+        self.quic.close(VarInt::from_u32(code), wire_reason);
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.close_reason.get()
+    }
+
+    /// The underlying QUIC connection (for addresses, RTT, statistics, key export).
+    pub fn quic(&self) -> &quinn::Connection {
+        &self.quic
+    }
+
+    /// True on the side that opened the connection.
+    pub fn is_initiator(&self) -> bool {
+        self.initiator
+    }
+
+    /// The peer's current UDP address (changes when it migrates).
+    pub fn remote_address(&self) -> SocketAddr {
+        self.quic.remote_address()
+    }
+
+    fn check_open(&self) -> Result<(), ConnError> {
+        match self.close_reason.get() {
+            Some(_) => Err(ConnError::Closed),
+            None => Ok(()),
+        }
+    }
+
+    fn low_watermark(&self) -> usize {
+        self.settings.send_queue_limit / 2
+    }
+
+    fn violation(&self, what: String) {
+        self.close_with(CloseReason::ProtocolViolation(what), close_code::PROTOCOL_VIOLATION, b"protocol violation");
+    }
+
+    async fn watch_close(self: Arc<Self>) {
+        let error = self.quic.closed().await;
+        let reason = self.close_reason.get_or_init(|| CloseReason::from_quic(&error)).clone();
+        // Wake every task parked on a semaphore or notification so it can exit.
+        self.handshake_credit.close();
+        self.data_credit.close();
+        self.activate.notify_one();
+        self.events.closed(&reason);
+    }
+
+    async fn write_control(self: Arc<Self>, mut stream: SendStream) {
+        let _ = stream.set_priority(1);
+        loop {
+            tokio::select! {
+                _ = self.control_out.wake.notified() => {}
+                _ = self.quic.closed() => return,
+            }
+            loop {
+                let Some(frame) = lock(&self.control_out.frames).pop_front() else { break };
+                if stream.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            if self.control_out.tick.swap(false, Ordering::AcqRel) {
+                if stream.write_all(&frame::TICK_FRAME).await.is_err() {
+                    return;
+                }
+                self.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    async fn read_control(self: Arc<Self>, mut stream: RecvStream) {
+        let mut decoder: FrameDecoder<Vec<u8>> = FrameDecoder::new(HeaderWidth::Two, HeaderWidth::Two.max_payload());
+        let mut frames = Vec::new();
+        loop {
+            let chunk = match stream.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => chunk.bytes,
+                Ok(None) => return self.violation("control stream finished by peer".into()),
+                Err(_) => return,
+            };
+            self.received.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = decoder.feed(&chunk, |f| frames.push(f)) {
+                return self.violation(format!("control stream: {e}"));
+            }
+            for frame in frames.drain(..) {
+                let Frame::Packet(message) = frame else { continue };
+                if self.activated.load(Ordering::Acquire) {
+                    return self.violation("handshake message after the handshake".into());
+                }
+                match self.handshake_credit.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return,
+                }
+                self.events.handshake_frame(message);
+            }
+        }
+    }
+
+    async fn write_data(self: Arc<Self>) {
+        let mut stream = None;
+        let mut batch: Vec<Bytes> = Vec::new();
+        loop {
+            batch.extend(lock(&self.data_out.chunks).drain(..));
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = self.data_out.wake.notified() => continue,
+                    _ = self.quic.closed() => return,
+                }
+            }
+            if stream.is_none() {
+                match self.quic.open_uni().await {
+                    Ok(s) => stream = Some(s),
+                    Err(_) => return,
+                }
+            }
+            let Some(out) = stream.as_mut() else { return };
+            let len: usize = batch.iter().map(Bytes::len).sum();
+            if out.write_all_chunks(&mut batch).await.is_err() {
+                return;
+            }
+            batch.clear();
+            let left = self.data_out.bytes.fetch_sub(len, Ordering::SeqCst) - len;
+            if left <= self.low_watermark() && self.data_out.want_writable.swap(false, Ordering::SeqCst) {
+                self.events.writable();
+            }
+        }
+    }
+
+    async fn read_data(self: Arc<Self>) {
+        let mut stream = tokio::select! {
+            accepted = self.quic.accept_uni() => match accepted {
+                Ok(stream) => stream,
+                Err(_) => return,
+            },
+            _ = self.quic.closed() => return,
+        };
+        while !self.activated.load(Ordering::Acquire) {
+            // Data that arrives before the handshake completes stays in QUIC's buffers.
+            self.activate.notified().await;
+            if self.close_reason.get().is_some() {
+                return;
+            }
+        }
+        let mut decoder: FrameDecoder<E::Packet> = FrameDecoder::new(HeaderWidth::Four, self.settings.max_packet);
+        let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
+        let mut packets = Vec::new();
+        loop {
+            let n = match stream.read_chunks(&mut chunks).await {
+                Ok(Some(n)) => n,
+                Ok(None) => return self.violation("data stream finished by peer".into()),
+                Err(_) => return,
+            };
+            self.received.fetch_add(1, Ordering::Relaxed);
+            for chunk in &chunks[..n] {
+                let fed = decoder.feed(chunk, |f| {
+                    if let Frame::Packet(p) = f {
+                        packets.push(p);
+                    }
+                });
+                if let Err(e) = fed {
+                    return self.violation(format!("data stream: {e}"));
+                }
+            }
+            if packets.is_empty() {
+                continue;
+            }
+            match self.data_credit.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return,
+            }
+            self.events.data(std::mem::take(&mut packets));
+        }
+    }
+}
+
+impl<E: Events> Drop for Connection<E> {
+    fn drop(&mut self) {
+        self.quic.close(VarInt::from_u32(close_code::SHUTDOWN), b"shutdown");
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: the protected queues stay consistent on panic.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

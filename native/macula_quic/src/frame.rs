@@ -1,0 +1,245 @@
+//! Length-prefixed framing for the two kinds of QUIC stream a connection uses.
+//!
+//! * The control stream carries the `dist_util` handshake and, afterwards, ticks:
+//!   `Len:16/big, Payload`. An empty frame is a tick.
+//! * A data stream carries distribution packets: `Len:32/big, Packet`.
+//!
+//! The decoder is incremental (bytes arrive in arbitrary chunks) and never trusts a
+//! length: it refuses frames above a configured maximum and grows its buffer only as
+//! bytes really arrive, so a peer that announces 4 GiB and sends nothing costs nothing.
+
+use thiserror::Error;
+
+/// Width of the big-endian length prefix in front of every frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderWidth {
+    /// Two bytes: the control stream.
+    Two = 2,
+    /// Four bytes: data streams.
+    Four = 4,
+}
+
+impl HeaderWidth {
+    /// The largest payload this header can describe.
+    pub fn max_payload(self) -> usize {
+        match self {
+            HeaderWidth::Two => u16::MAX as usize,
+            HeaderWidth::Four => u32::MAX as usize,
+        }
+    }
+}
+
+/// Why a byte stream could not be framed.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The peer announced a frame larger than this side accepts.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// A buffer a decoded packet is assembled in.
+///
+/// The NIF implements this for Erlang binaries so that each received byte is copied
+/// exactly once, from QUIC's buffer into the binary handed to `dist_ctrl_put_data/2`.
+pub trait PacketBuf: Sized {
+    /// A buffer of exactly `len` bytes (contents unspecified).
+    fn alloc(len: usize) -> Self;
+    /// Grows the buffer to `len` bytes, keeping the current contents.
+    fn grow(&mut self, len: usize);
+    /// The whole buffer.
+    fn as_mut_slice(&mut self) -> &mut [u8];
+}
+
+impl PacketBuf for Vec<u8> {
+    fn alloc(len: usize) -> Self {
+        vec![0; len]
+    }
+    fn grow(&mut self, len: usize) {
+        self.resize(len, 0);
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<B> {
+    /// An empty frame: a tick.
+    Tick,
+    /// A non-empty payload.
+    Packet(B),
+}
+
+/// Buffers above this size are grown as bytes arrive rather than allocated up front.
+const EAGER_ALLOC_LIMIT: usize = 1 << 20;
+
+enum State<B> {
+    Header { bytes: [u8; 4], have: usize },
+    Body { buf: B, allocated: usize, len: usize, have: usize },
+}
+
+/// Incremental decoder of length-prefixed frames.
+pub struct FrameDecoder<B> {
+    width: HeaderWidth,
+    max_len: usize,
+    state: State<B>,
+}
+
+impl<B: PacketBuf> FrameDecoder<B> {
+    /// A decoder for `width`-byte headers that rejects payloads above `max_len`.
+    pub fn new(width: HeaderWidth, max_len: usize) -> Self {
+        FrameDecoder {
+            width,
+            max_len: max_len.min(width.max_payload()),
+            state: State::Header { bytes: [0; 4], have: 0 },
+        }
+    }
+
+    /// True when no partial frame is buffered.
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Header { have: 0, .. })
+    }
+
+    /// Consumes `input`, calling `emit` for every frame it completes.
+    pub fn feed(&mut self, mut input: &[u8], mut emit: impl FnMut(Frame<B>)) -> Result<(), FrameError> {
+        let width = self.width as usize;
+        while !input.is_empty() {
+            match &mut self.state {
+                State::Header { bytes, have } => {
+                    let take = (width - *have).min(input.len());
+                    bytes[*have..*have + take].copy_from_slice(&input[..take]);
+                    *have += take;
+                    input = &input[take..];
+                    if *have < width {
+                        break;
+                    }
+                    let len = match self.width {
+                        HeaderWidth::Two => u16::from_be_bytes([bytes[0], bytes[1]]) as usize,
+                        HeaderWidth::Four => u32::from_be_bytes(*bytes) as usize,
+                    };
+                    if len > self.max_len {
+                        return Err(FrameError::TooLarge { len, max: self.max_len });
+                    }
+                    if len == 0 {
+                        *have = 0;
+                        emit(Frame::Tick);
+                        continue;
+                    }
+                    let allocated = len.min(EAGER_ALLOC_LIMIT);
+                    self.state = State::Body { buf: B::alloc(allocated), allocated, len, have: 0 };
+                }
+                State::Body { buf, allocated, len, have } => {
+                    if *have == *allocated {
+                        *allocated = (*allocated * 2).min(*len);
+                        buf.grow(*allocated);
+                    }
+                    let take = (*allocated - *have).min(input.len());
+                    buf.as_mut_slice()[*have..*have + take].copy_from_slice(&input[..take]);
+                    *have += take;
+                    input = &input[take..];
+                    if *have == *len {
+                        let done = std::mem::replace(&mut self.state, State::Header { bytes: [0; 4], have: 0 });
+                        if let State::Body { buf, .. } = done {
+                            emit(Frame::Packet(buf));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Appends one data frame (`Len:32, parts...`) to `out`.
+pub fn push_data_frame(out: &mut Vec<u8>, parts: &[&[u8]]) -> Result<(), FrameError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > HeaderWidth::Four.max_payload() {
+        return Err(FrameError::TooLarge { len, max: HeaderWidth::Four.max_payload() });
+    }
+    out.extend_from_slice(&(len as u32).to_be_bytes());
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    Ok(())
+}
+
+/// One control frame (`Len:16, payload`).
+pub fn control_frame(payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    if payload.len() > HeaderWidth::Two.max_payload() {
+        return Err(FrameError::TooLarge { len: payload.len(), max: HeaderWidth::Two.max_payload() });
+    }
+    let mut out = Vec::with_capacity(payload.len() + 2);
+    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    out.extend_from_slice(payload);
+    Ok(out)
+}
+
+/// The control-stream tick: an empty frame.
+pub const TICK_FRAME: [u8; 2] = [0, 0];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(width: HeaderWidth, max: usize, chunks: &[&[u8]]) -> Result<Vec<Frame<Vec<u8>>>, FrameError> {
+        let mut decoder = FrameDecoder::new(width, max);
+        let mut frames = Vec::new();
+        for chunk in chunks {
+            decoder.feed(chunk, |f| frames.push(f))?;
+        }
+        Ok(frames)
+    }
+
+    #[test]
+    fn control_frames_from_literal_bytes() {
+        let frames = decode_all(HeaderWidth::Two, 1000, &[&[0, 3, b'a', b'b', b'c', 0, 0, 0, 1, b'z']]).unwrap();
+        assert_eq!(frames, vec![Frame::Packet(b"abc".to_vec()), Frame::Tick, Frame::Packet(b"z".to_vec())]);
+    }
+
+    #[test]
+    fn data_frames_split_at_every_byte() {
+        let bytes = [0u8, 0, 0, 2, 7, 8, 0, 0, 0, 0, 0, 0, 0, 1, 9];
+        let chunks: Vec<&[u8]> = bytes.chunks(1).collect();
+        let frames = decode_all(HeaderWidth::Four, 100, &chunks).unwrap();
+        assert_eq!(frames, vec![Frame::Packet(vec![7, 8]), Frame::Tick, Frame::Packet(vec![9])]);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_any_allocation() {
+        let err = decode_all(HeaderWidth::Four, 1024, &[&[0xff, 0xff, 0xff, 0xff]]).unwrap_err();
+        assert_eq!(err, FrameError::TooLarge { len: u32::MAX as usize, max: 1024 });
+    }
+
+    #[test]
+    fn large_frame_grows_as_bytes_arrive() {
+        let len = 3 * EAGER_ALLOC_LIMIT + 17;
+        let mut input = (len as u32).to_be_bytes().to_vec();
+        input.extend((0..len).map(|i| (i % 251) as u8));
+        let chunks: Vec<&[u8]> = input.chunks(65_000).collect();
+        let frames = decode_all(HeaderWidth::Four, usize::MAX, &chunks).unwrap();
+        assert_eq!(frames.len(), 1);
+        match &frames[0] {
+            Frame::Packet(p) => assert_eq!(&p[..], &input[4..]),
+            Frame::Tick => panic!("expected a packet"),
+        }
+    }
+
+    #[test]
+    fn partial_frame_is_reported_as_not_idle() {
+        let mut decoder: FrameDecoder<Vec<u8>> = FrameDecoder::new(HeaderWidth::Four, 10);
+        assert!(decoder.is_idle());
+        decoder.feed(&[0, 0], |_| {}).unwrap();
+        assert!(!decoder.is_idle());
+    }
+
+    #[test]
+    fn encoders_produce_literal_bytes() {
+        let mut out = Vec::new();
+        push_data_frame(&mut out, &[b"ab", b"c"]).unwrap();
+        push_data_frame(&mut out, &[]).unwrap();
+        assert_eq!(out, vec![0, 0, 0, 3, b'a', b'b', b'c', 0, 0, 0, 0]);
+        assert_eq!(control_frame(b"sok").unwrap(), vec![0, 3, b's', b'o', b'k']);
+        assert!(control_frame(&vec![0; 70_000]).is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! The QUIC transport core of `macula_dist`, an Erlang distribution carrier.
+//!
+//! This crate knows nothing about the BEAM: it frames bytes, makes TLS identities, and
+//! drives quinn endpoints and connections, reporting what happens through the
+//! [`connection::Events`] trait. The `macula_nif` crate implements that trait with
+//! Erlang messages; the tests here implement it with channels. Everything a peer sends
+//! is treated as hostile: bad input closes that one connection, never panics.
+
+pub mod connection;
+pub mod endpoint;
+pub mod frame;
+pub mod node_name;
+pub mod settings;
+pub mod tls;
+
+pub use connection::{CloseReason, ConnError, Connection, Events, SendStatus, Stats};
+pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint, Established};
+pub use settings::Settings;

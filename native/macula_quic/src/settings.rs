@@ -1,0 +1,75 @@
+//! Tunables of an endpoint and its connections, with their defaults and the QUIC
+//! transport configuration derived from them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+
+/// Every tunable, already validated by the Erlang side (`macula_dist_config`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `net_ticktime`. The QUIC idle timeout equals it, and QUIC keep-alives are sent
+    /// every eighth of it, so a silent peer is dropped no later than `net_ticktime`.
+    pub tick_time: Duration,
+    /// `net_setuptime`: the longest a QUIC + TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// Receive window of each data stream. Bounds what a peer can make us buffer.
+    pub stream_window: u64,
+    /// Unacknowledged bytes in flight per connection.
+    pub send_window: u64,
+    /// Bytes queued in front of QUIC before `send_data` answers `busy`.
+    pub send_queue_limit: usize,
+    /// Largest distribution packet accepted from a peer.
+    pub max_packet: usize,
+    /// Upper bound for path MTU discovery (UDP payload bytes).
+    pub max_udp_payload: u16,
+    /// Data messages delivered to the input handler before it acknowledges any.
+    pub delivery_credit: usize,
+    /// QUIC handshakes allowed to be in progress at once.
+    pub max_pending_handshakes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            tick_time: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(7),
+            stream_window: 8 << 20,
+            send_window: 16 << 20,
+            send_queue_limit: 4 << 20,
+            max_packet: 1 << 30,
+            max_udp_payload: 1452,
+            delivery_credit: 8,
+            max_pending_handshakes: 64,
+        }
+    }
+}
+
+impl Settings {
+    /// QUIC transport parameters for every connection of an endpoint.
+    pub fn transport(&self) -> Arc<TransportConfig> {
+        let mut transport = TransportConfig::default();
+        let idle = IdleTimeout::try_from(self.tick_time).unwrap_or(IdleTimeout::from(VarInt::MAX));
+        transport
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(self.tick_time / 8))
+            .stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX))
+            // Streams are few and each is bounded by its own window, so the
+            // connection-level window never lets bulk data starve the control stream.
+            .receive_window(VarInt::MAX)
+            .send_window(self.send_window)
+            .max_concurrent_bidi_streams(VarInt::from_u32(1))
+            .max_concurrent_uni_streams(VarInt::from_u32(1))
+            .datagram_receive_buffer_size(None);
+        let mut mtu = MtuDiscoveryConfig::default();
+        mtu.upper_bound(self.max_udp_payload.max(1200));
+        transport.mtu_discovery_config(Some(mtu));
+        Arc::new(transport)
+    }
+
+    /// Idle time before a keep-alive, exposed for `info`.
+    pub fn keep_alive(&self) -> Duration {
+        self.tick_time / 8
+    }
+}

@@ -1,0 +1,266 @@
+%%% @doc Erlang distribution over QUIC: the net_kernel callback module.
+%%%
+%%% Start a node with
+%%% `erl -proto_dist macula -no_epmd -start_epmd false -name 4433@10.0.0.5'.
+%%% The name part of a node name is its UDP port, so no EPMD is involved. Every
+%%% connection is one QUIC connection with TLS 1.3; the distribution handshake runs on
+%%% a control stream and distribution data on a data stream (see macula_dist_ctrl for
+%%% the processes of a connection and native/macula_quic for the wire format).
+%%%
+%%% The endpoint (one UDP socket) both accepts and initiates connections; it is made by
+%%% listen/2 and kept in a persistent term for setup/5.
+-module(macula_dist).
+
+%% net_kernel callbacks
+-export([childspecs/0, listen/1, listen/2, accept/1, accept_connection/5, setup/5,
+         close/1, select/1, address/0]).
+%% Optional callbacks and tools
+-export([is_node_name/1, splitname/1, setopts/2, getopts/2]).
+%% Operations on a running node
+-export([connection_info/1, rebind/2]).
+
+-include_lib("kernel/include/net_address.hrl").
+-include_lib("kernel/include/dist.hrl").
+-include_lib("kernel/include/dist_util.hrl").
+-include_lib("kernel/include/logger.hrl").
+
+-define(PROTOCOL, quic).
+-define(ENDPOINT, {?MODULE, endpoint}).
+
+%%% ------------------------------------------------------------------------------------
+%%% net_kernel callbacks
+%%% ------------------------------------------------------------------------------------
+
+%% Nothing to supervise: the NIF owns the QUIC runtime.
+-spec childspecs() -> {ok, []}.
+childspecs() ->
+    {ok, []}.
+
+-spec listen(atom()) -> {ok, {macula_dist_nif:endpoint(), #net_address{}, -1}} | {error, term()}.
+listen(Name) ->
+    {ok, Host} = inet:gethostname(),
+    listen(Name, Host).
+
+%% Opens the node's UDP endpoint on the port its name gives. Creation -1 makes
+%% net_kernel pick a random creation, so each incarnation of a name differs.
+-spec listen(atom(), string()) -> {ok, {macula_dist_nif:endpoint(), #net_address{}, -1}} | {error, term()}.
+listen(Name, Host) ->
+    case open_endpoint(Name, Host) of
+        {ok, Endpoint, Address} ->
+            {ok, {Endpoint, Address, -1}};
+        {error, Reason} = Error ->
+            report_boot_error(Name, Host, Reason),
+            Error
+    end.
+
+open_endpoint(Name, Host) ->
+    try
+        Port = unwrap(macula_dist_name:port(Name)),
+        {Ip, Family} = unwrap(resolve(Host)),
+        Endpoint = unwrap(bind_endpoint(Family, Port)),
+        {ok, Endpoint, #net_address{address = {Ip, Port}, host = Host,
+                                    protocol = ?PROTOCOL, family = Family}}
+    catch
+        throw:{?MODULE, Reason} -> {error, Reason}
+    end.
+
+%% Loads the NIF and the options, binds, and remembers the endpoint for setup/5.
+bind_endpoint(Family, Port) ->
+    try
+        ok = unwrap(macula_dist_nif:load()),
+        Config = unwrap(macula_dist_config:load()),
+        Options = macula_dist_config:nif_options(Config),
+        Endpoint = unwrap(macula_dist_nif:listen(macula_dist_config:bind_ip(Family), Port, Options)),
+        persistent_term:put(?ENDPOINT, {Endpoint, Family, Config}),
+        {ok, Endpoint}
+    catch
+        throw:{?MODULE, Reason} -> {error, Reason}
+    end.
+
+unwrap(ok) -> ok;
+unwrap({ok, Value}) -> Value;
+unwrap({error, Reason}) -> throw({?MODULE, Reason}).
+
+resolve(Host) ->
+    case macula_dist_name:host_kind(Host) of
+        {ok, {ip, Ip}} -> {ok, {Ip, family(Ip)}};
+        {ok, name} ->
+            case inet:getaddr(Host, inet) of
+                {ok, Ip} -> {ok, {Ip, inet}};
+                {error, _} ->
+                    case inet:getaddr(Host, inet6) of
+                        {ok, Ip} -> {ok, {Ip, inet6}};
+                        {error, Why} -> {error, {cannot_resolve, Host, Why}}
+                    end
+            end;
+        {error, _} = Error -> Error
+    end.
+
+family(Ip) when tuple_size(Ip) =:= 4 -> inet;
+family(Ip) when tuple_size(Ip) =:= 8 -> inet6.
+
+%% The logger is not running yet when listen/2 fails at boot; stderr is.
+report_boot_error(Name, Host, Reason) ->
+    Text = io_lib:format("macula_dist: cannot listen as ~ts@~ts: ~tp~n", [Name, Host, Reason]),
+    catch erlang:display_string(lists:flatten(Text)),
+    ok.
+
+%% Spawns the acceptor, linked to net_kernel (which calls this again if it exits).
+-spec accept(macula_dist_nif:endpoint()) -> pid().
+accept(Endpoint) ->
+    Kernel = self(),
+    spawn_opt(fun() -> acceptor_init(Kernel, Endpoint) end, [link, {priority, max}]).
+
+acceptor_init(Kernel, Endpoint) ->
+    ok = macula_dist_nif:accept(Endpoint, self()),
+    {_, Family, _} = persistent_term:get(?ENDPOINT),
+    acceptor_loop(Kernel, Family).
+
+%% The NIF hands over connections whose QUIC/TLS handshake is complete. Each gets a
+%% controller; net_kernel then starts the owner (accept_connection/5) it is handed to.
+acceptor_loop(Kernel, Family) ->
+    receive
+        {macula_incoming, Conn, PeerAddr} ->
+            Ctrl = macula_dist_ctrl:start_unowned(Conn),
+            Kernel ! {accept, self(), Ctrl, Family, ?PROTOCOL},
+            receive
+                {Kernel, controller, Owner} ->
+                    macula_dist_ctrl:hand_over(Ctrl, Owner),
+                    Owner ! {self(), controller, Conn, PeerAddr};
+                {Kernel, unsupported_protocol} ->
+                    exit(Ctrl, kill),
+                    exit(unsupported_protocol)
+            end;
+        {macula_refused, {Ip, Port}, Why} ->
+            ?LOG_WARNING("macula_dist: refused connection from ~ts: ~ts",
+                         [inet:ntoa(Ip) ++ ":" ++ integer_to_list(Port), Why])
+    end,
+    acceptor_loop(Kernel, Family).
+
+-spec accept_connection(pid(), pid(), node(), [node()], non_neg_integer()) -> pid().
+accept_connection(AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
+    Kernel = self(),
+    spawn_opt(fun() -> do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) end,
+              dist_util:net_ticker_spawn_options()).
+
+do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
+    receive
+        {AcceptPid, controller, Conn, _PeerAddr} ->
+            Timer = dist_util:start_timer(SetupTime),
+            HSData = (macula_dist_ctrl:hs_data(Ctrl, Conn))#hs_data{
+                       kernel_pid = Kernel,
+                       this_node = MyNode,
+                       timer = Timer,
+                       allowed = Allowed},
+            dist_util:handshake_other_started(HSData)
+    after SetupTime ->
+            ?shutdown(no_node)
+    end.
+
+%% Returns at once; the spawned owner connects, then runs the handshake.
+-spec setup(node(), normal | hidden, node(), longnames | shortnames, non_neg_integer()) -> pid().
+setup(Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
+    Kernel = self(),
+    spawn_opt(fun() -> do_setup(Kernel, Node, Type, MyNode, SetupTime) end,
+              dist_util:net_ticker_spawn_options()).
+
+do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
+    Timer = dist_util:start_timer(SetupTime),
+    {Port, Host} = case splitname(Node) of
+                       false -> ?shutdown2(Node, {bad_node_name, Node});
+                       PortHost -> PortHost
+                   end,
+    ok = macula_dist_nif:connect(endpoint(), unicode:characters_to_binary(Host), Port, self()),
+    Conn = receive
+               {macula_connect, {ok, C}} -> C;
+               {macula_connect, {error, Why}} -> ?shutdown2(Node, Why)
+           end,
+    dist_util:reset_timer(Timer),
+    Ctrl = macula_dist_ctrl:start_linked(Conn),
+    HSData = (macula_dist_ctrl:hs_data(Ctrl, Conn))#hs_data{
+               kernel_pid = Kernel,
+               other_node = Node,
+               this_node = MyNode,
+               timer = Timer,
+               request_type = Type},
+    dist_util:handshake_we_started(HSData).
+
+%% Closes every connection (peers see connection_closed at once) and the socket.
+-spec close(macula_dist_nif:endpoint()) -> ok.
+close(Endpoint) ->
+    ok = macula_dist_nif:close_endpoint(Endpoint),
+    receive
+        macula_endpoint_closed -> ok
+    after 1000 -> ok
+    end,
+    _ = persistent_term:erase(?ENDPOINT),
+    ok.
+
+%% Runs inside net_kernel for every outgoing connection: syntax only, no lookups.
+-spec select(node()) -> boolean().
+select(Node) ->
+    splitname(Node) =/= false.
+
+%% Only for nodes that do not listen (`-dist_listen false'): they still need a socket
+%% to connect from, so one is opened on an ephemeral port.
+-spec address() -> #net_address{}.
+address() ->
+    {ok, Host} = inet:gethostname(),
+    case persistent_term:get(?ENDPOINT, undefined) of
+        undefined -> open_client_endpoint();
+        _ -> ok
+    end,
+    #net_address{host = Host, protocol = ?PROTOCOL, family = inet}.
+
+open_client_endpoint() ->
+    case bind_endpoint(inet, 0) of
+        {ok, _Endpoint} -> ok;
+        {error, Reason} -> erlang:error({macula_dist, Reason})
+    end.
+
+endpoint() ->
+    {Endpoint, _Family, _Config} = persistent_term:get(?ENDPOINT),
+    Endpoint.
+
+%%% ------------------------------------------------------------------------------------
+%%% Optional callbacks and tools
+%%% ------------------------------------------------------------------------------------
+
+-spec is_node_name(term()) -> boolean().
+is_node_name(Node) ->
+    splitname(Node) =/= false.
+
+%% @doc `{Port, Host}' of a macula node name, `false' for anything else.
+-spec splitname(term()) -> {inet:port_number(), string()} | false.
+splitname(Node) ->
+    macula_dist_name:split(Node).
+
+%% Options net_kernel:setopts(new, Opts) stores for new connections. QUIC never delays
+%% small packets, so `nodelay' is accepted whatever its value.
+-spec setopts(macula_dist_nif:endpoint(), [{atom(), term()}]) -> ok | {error, term()}.
+setopts(_Endpoint, Opts) ->
+    macula_dist_ctrl:check_opts(Opts).
+
+-spec getopts(macula_dist_nif:endpoint(), [atom()]) -> {ok, [{atom(), term()}]} | {error, term()}.
+getopts(_Endpoint, Opts) ->
+    macula_dist_ctrl:get_opts(Opts, #{}).
+
+%%% ------------------------------------------------------------------------------------
+%%% Operations on a running node
+%%% ------------------------------------------------------------------------------------
+
+%% @doc Facts about the connection to `Node': peer address, TLS version, cipher suite,
+%% round-trip time, path MTU, lost packets.
+-spec connection_info(node()) -> {ok, map()} | {error, not_connected}.
+connection_info(Node) ->
+    case lists:keyfind(Node, 1, erlang:system_info(dist_ctrl)) of
+        {Node, Ctrl} when is_pid(Ctrl) -> macula_dist_ctrl:info(Ctrl);
+        _ -> {error, not_connected}
+    end.
+
+%% @doc Moves this node's UDP socket to `{Ip, Port}' (port 0: any free port). Every
+%% connection migrates with it: peers follow the new address (QUIC connection
+%% migration), nothing is lost and no node goes down.
+-spec rebind(inet:ip_address(), inet:port_number()) -> ok | {error, term()}.
+rebind(Ip, Port) ->
+    macula_dist_nif:rebind(endpoint(), Ip, Port).

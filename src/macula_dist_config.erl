@@ -1,0 +1,156 @@
+%%% @doc Options of macula_dist, checked once at boot.
+%%%
+%%% Distribution starts before application environments are loaded (CARRIER-NOTES
+%%% pitfall 2), so options come from init arguments, usable in `vm.args':
+%%% <ul>
+%%% <li>`-macula_dist_opt Key Value [Key Value ...]' (may be repeated);</li>
+%%% <li>`-macula_dist_optfile Path': a file of Erlang terms `{Key, Value}.'</li>
+%%% </ul>
+%%% plus the kernel parameters `net_ticktime', `net_setuptime' and
+%%% `inet_dist_use_interface'. A bad option stops the node at boot with a message
+%%% naming the option and the reason; nothing falls back to a default silently.
+-module(macula_dist_config).
+
+-export([load/0, parse/1, defaults/0, nif_options/1, bind_ip/1]).
+
+-export_type([config/0]).
+
+-type config() :: #{atom() => term()}.
+
+%% The one table of options: name, default, and the check a value must pass.
+-define(OPTIONS,
+        [{stream_window, 8 bsl 20, {integer, 65536, 1 bsl 40}},
+         {send_window, 16 bsl 20, {integer, 65536, 1 bsl 40}},
+         {send_queue_limit, 4 bsl 20, {integer, 65536, 1 bsl 40}},
+         {send_batch, 1 bsl 20, {integer, 1024, 1 bsl 30}},
+         {max_packet, 1 bsl 30, {integer, 1024, (1 bsl 32) - 1}},
+         {max_udp_payload, 1452, {integer, 1200, 65527}},
+         {delivery_credit, 8, {integer, 1, 1024}},
+         {max_pending_handshakes, 64, {integer, 1, 100000}},
+         {runtime_workers, 1, {integer, 1, 64}}]).
+
+%% @doc The defaults of every option.
+-spec defaults() -> config().
+defaults() ->
+    maps:from_list([{Key, Default} || {Key, Default, _} <- ?OPTIONS]).
+
+%% @doc Reads and checks the options given to this node.
+-spec load() -> {ok, config()} | {error, {option, atom() | string(), term()}}.
+load() ->
+    try
+        Pairs = file_options() ++ argument_options(),
+        parse(Pairs)
+    catch
+        throw:{bad_option, Error} -> {error, Error}
+    end.
+
+%% @doc Checks `{Key, Value}' pairs (keys as atoms or strings, values as terms or
+%% strings) against the option table and fills in defaults.
+-spec parse([{atom() | string(), term()}]) -> {ok, config()} | {error, {option, atom() | string(), term()}}.
+parse(Pairs) ->
+    try
+        {ok, lists:foldl(fun parse_pair/2, defaults(), Pairs)}
+    catch
+        throw:{bad_option, Error} -> {error, Error}
+    end.
+
+parse_pair({Key0, Value0}, Acc) ->
+    Key = option_key(Key0),
+    {Key, _Default, Check} = lists:keyfind(Key, 1, ?OPTIONS),
+    Acc#{Key => check(Key, Check, Value0)}.
+
+option_key(Key) when is_atom(Key) -> option_key(atom_to_list(Key));
+option_key(Key) when is_list(Key) ->
+    case [K || {K, _, _} <- ?OPTIONS, atom_to_list(K) =:= Key] of
+        [K] -> K;
+        [] -> bad(Key, {unknown_option, known_options()})
+    end;
+option_key(Key) ->
+    bad(Key, unknown_option).
+
+known_options() ->
+    [K || {K, _, _} <- ?OPTIONS].
+
+check(Key, {integer, Min, Max}, Value) when is_list(Value) ->
+    try list_to_integer(Value) of
+        Int -> check(Key, {integer, Min, Max}, Int)
+    catch
+        error:badarg -> bad(Key, {not_an_integer, Value})
+    end;
+check(_Key, {integer, Min, Max}, Value) when is_integer(Value), Value >= Min, Value =< Max ->
+    Value;
+check(Key, {integer, Min, Max}, Value) ->
+    bad(Key, {out_of_range, Value, Min, Max}).
+
+-spec bad(term(), term()) -> no_return().
+bad(Key, Why) ->
+    throw({bad_option, {option, Key, Why}}).
+
+argument_options() ->
+    case init:get_argument(macula_dist_opt) of
+        {ok, Lists} -> lists:append([pairs(List) || List <- Lists]);
+        error -> []
+    end.
+
+pairs([Key, Value | Rest]) -> [{Key, Value} | pairs(Rest)];
+pairs([]) -> [];
+pairs([Key]) -> bad(Key, missing_value).
+
+%% file:consult/1 is not available this early in boot (no file server yet).
+file_options() ->
+    case init:get_argument(macula_dist_optfile) of
+        {ok, [[Path]]} -> consult(Path);
+        {ok, Paths} -> bad(macula_dist_optfile, {given_more_than_once, Paths});
+        error -> []
+    end.
+
+consult(Path) ->
+    case prim_file:read_file(Path) of
+        {ok, Bin} -> parse_terms(Path, binary_to_list(Bin));
+        {error, Why} -> bad(macula_dist_optfile, {Path, file:format_error(Why)})
+    end.
+
+parse_terms(Path, Text) ->
+    case erl_scan:string(Text) of
+        {ok, Tokens, _} -> parse_forms(Path, Tokens);
+        {error, Info, _} -> bad(macula_dist_optfile, {Path, Info})
+    end.
+
+parse_forms(_Path, []) ->
+    [];
+parse_forms(Path, Tokens) ->
+    {Form, Rest} = lists:splitwith(fun(T) -> element(1, T) =/= dot end, Tokens),
+    case Rest of
+        [Dot | More] ->
+            case erl_parse:parse_term(Form ++ [Dot]) of
+                {ok, {Key, Value}} -> [{Key, Value} | parse_forms(Path, More)];
+                {ok, Other} -> bad(macula_dist_optfile, {Path, {not_a_key_value_pair, Other}});
+                {error, Info} -> bad(macula_dist_optfile, {Path, Info})
+            end;
+        [] ->
+            bad(macula_dist_optfile, {Path, missing_final_dot})
+    end.
+
+%% @doc The map the NIF's listen/3 takes: the options plus the kernel timers.
+-spec nif_options(config()) -> map().
+nif_options(Config) ->
+    Keys = [stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
+            delivery_credit, max_pending_handshakes, runtime_workers],
+    (maps:with(Keys, Config))#{tick_time_ms => kernel_seconds(net_ticktime, 60) * 1000,
+                               handshake_timeout_ms => kernel_seconds(net_setuptime, 7) * 1000}.
+
+kernel_seconds(Key, Default) ->
+    case application:get_env(kernel, Key) of
+        {ok, Seconds} when is_integer(Seconds), Seconds > 0 -> Seconds;
+        _ -> Default
+    end.
+
+%% @doc The address to bind: `inet_dist_use_interface' if set, else any address of the
+%% node name's family.
+-spec bind_ip(inet | inet6) -> inet:ip_address().
+bind_ip(Family) ->
+    case application:get_env(kernel, inet_dist_use_interface) of
+        {ok, Ip} when is_tuple(Ip) -> Ip;
+        _ when Family =:= inet6 -> {0, 0, 0, 0, 0, 0, 0, 0};
+        _ -> {0, 0, 0, 0}
+    end.

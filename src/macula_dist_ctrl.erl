@@ -1,0 +1,317 @@
+%%% @doc The processes of one macula distribution connection.
+%%%
+%%% <ul>
+%%% <li><b>Owner</b> (spawned by `macula_dist:setup/5' or `accept_connection/5'): runs
+%%%     the dist_util handshake through the funs of {@link hs_data/2}, then dist_util's
+%%%     con_loop (ticks, net_kernel requests). It talks to the NIF directly for the
+%%%     handshake messages, ticks and statistics, so none of those wait behind data.</li>
+%%% <li><b>Controller</b> (this module's start_linked/1 or start_unowned/1): the pid given
+%%%     to `erlang:setnode/3'. It drains `erlang:dist_ctrl_get_data/1' into the NIF and
+%%%     stops draining while the NIF's send queue is full, so the VM's busy-dist
+%%%     mechanism suspends senders. The NIF monitors it: when it dies, the QUIC
+%%%     connection is closed. Its exit reason is the nodedown reason.</li>
+%%% <li><b>Input handler</b>: the only caller of `erlang:dist_ctrl_put_data/2'. The NIF
+%%%     sends it `{macula_data, Packets}' messages only against credit it returns with
+%%%     `ack_data/1', so its mailbox stays bounded and QUIC flow control pushes back on
+%%%     the peer.</li>
+%%% </ul>
+%%% Links: owner - controller - input handler; any death takes the connection down.
+%%% The controller does not trap exits, so `exit(Owner, Reason)' becomes the nodedown
+%%% reason, as net_kernel and OTP's tests expect.
+-module(macula_dist_ctrl).
+
+-export([start_linked/1, start_unowned/1, hand_over/2, hs_data/2, info/1]).
+-export([check_opts/1, get_opts/2]).
+
+-include_lib("kernel/include/net_address.hrl").
+-include_lib("kernel/include/dist_util.hrl").
+
+%% Off-heap mailboxes and eager full sweeps keep large binaries from lingering in
+%% long-lived connection processes (as gen_tcp_dist does).
+-define(PROCESS_OPTS, [{message_queue_data, off_heap}, {fullsweep_after, 0}]).
+
+%% A controller waits this long for the owner net_kernel assigns after an accept.
+-define(HAND_OVER_TIMEOUT, 30000).
+
+%% After dist_ctrl_put_data/2 fails the connection is going down; wait to be killed so
+%% the original exit reason is the one reported (OTP's death_row pattern).
+-define(DEATH_ROW_TIMEOUT, 5000).
+
+-record(ctrl, {conn :: macula_dist_nif:conn(),
+               dhandle :: reference() | undefined,
+               batch_limit :: pos_integer(),
+               busy = false :: boolean(),
+               opts = #{} :: #{nodelay => boolean()}}).
+
+%%% ------------------------------------------------------------------------------------
+%%% Starting a controller
+%%% ------------------------------------------------------------------------------------
+
+%% @doc A controller linked to the calling owner (the setup side).
+-spec start_linked(macula_dist_nif:conn()) -> pid().
+start_linked(Conn) ->
+    Owner = self(),
+    spawn_opt(fun() -> init(Conn, Owner) end, [link, {priority, max} | ?PROCESS_OPTS]).
+
+%% @doc A controller whose owner is not known yet (the accept side); see hand_over/2.
+-spec start_unowned(macula_dist_nif:conn()) -> pid().
+start_unowned(Conn) ->
+    spawn_opt(fun() -> init(Conn, undefined) end, [{priority, max} | ?PROCESS_OPTS]).
+
+%% @doc Tells an unowned controller which owner net_kernel started for it.
+-spec hand_over(pid(), pid()) -> ok.
+hand_over(Ctrl, Owner) ->
+    Ctrl ! {owner, Owner},
+    ok.
+
+init(Conn, Owner0) ->
+    case macula_dist_nif:set_owner(Conn, self()) of
+        ok -> ok;
+        {error, closed} -> exit(connection_closed)
+    end,
+    Owner = case Owner0 of
+                undefined -> await_owner();
+                _ -> Owner0
+            end,
+    link(Owner),
+    handshaking(#ctrl{conn = Conn, batch_limit = batch_limit()}).
+
+await_owner() ->
+    receive
+        {owner, Owner} -> Owner;
+        {macula_closed, Reason} -> exit(Reason)
+    after ?HAND_OVER_TIMEOUT ->
+            exit(no_owner)
+    end.
+
+batch_limit() ->
+    case persistent_term:get({macula_dist, endpoint}, undefined) of
+        {_Endpoint, _Family, #{send_batch := Limit}} -> Limit;
+        _ -> maps:get(send_batch, macula_dist_config:defaults())
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% The handshake, seen from dist_util
+%%% ------------------------------------------------------------------------------------
+
+%% @doc The dist_util callbacks of a connection whose controller is `Ctrl'.
+-spec hs_data(pid(), macula_dist_nif:conn()) -> #hs_data{}.
+hs_data(Ctrl, Conn) ->
+    #hs_data{socket = Ctrl,
+             this_flags = 0,
+             f_send = fun(_Ctrl, Message) -> macula_dist_nif:send_handshake(Conn, Message) end,
+             f_recv = fun(_Ctrl, 0, infinity) -> recv_handshake(Conn) end,
+             f_setopts_pre_nodeup = fun(_Ctrl) -> ok end,
+             f_setopts_post_nodeup = fun(_Ctrl) -> ok end,
+             f_getll = fun(C) -> {ok, C} end,
+             f_address = fun(_Ctrl, Node) -> net_address(Conn, Node) end,
+             f_handshake_complete = fun(C, _Node, DHandle) -> call(C, {handshake_complete, DHandle}) end,
+             mf_tick = fun(_Ctrl) -> macula_dist_nif:tick(Conn) end,
+             mf_getstat = fun(_Ctrl) -> getstat(Conn) end,
+             mf_setopts = fun(C, Opts) -> call(C, {setopts, Opts}) end,
+             mf_getopts = fun(C, Opts) -> call(C, {getopts, Opts}) end}.
+
+%% dist_util wants one whole handshake message, as a list.
+recv_handshake(Conn) ->
+    case macula_dist_nif:recv_handshake(Conn) of
+        ok ->
+            receive
+                {macula_handshake, Message} -> {ok, binary_to_list(Message)}
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+%% Transport-level counters: `Received' moves whenever the peer's bytes or ticks
+%% arrive, whatever the input handler is doing.
+getstat(Conn) ->
+    {Received, Sent, Pending} = macula_dist_nif:stats(Conn),
+    {ok, Received, Sent, Pending}.
+
+net_address(Conn, Node) ->
+    case macula_dist_name:split(Node) of
+        {_Port, Host} ->
+            #{peer := {Ip, _} = Peer} = macula_dist_nif:info(Conn),
+            #net_address{address = Peer, host = Host, protocol = quic,
+                         family = case tuple_size(Ip) of 4 -> inet; 8 -> inet6 end};
+        false ->
+            ?shutdown(Node)
+    end.
+
+call(Ctrl, Request) ->
+    Ref = erlang:monitor(process, Ctrl),
+    Ctrl ! {self(), Ref, Request},
+    receive
+        {Ref, Reply} ->
+            erlang:demonitor(Ref, [flush]),
+            Reply;
+        {'DOWN', Ref, process, Ctrl, Reason} ->
+            exit(Reason)
+    end.
+
+%% @doc Information about the connection `Ctrl' controls.
+-spec info(pid()) -> {ok, map()} | {error, not_connected}.
+info(Ctrl) ->
+    try call(Ctrl, info) of
+        Info -> {ok, Info}
+    catch
+        exit:_ -> {error, not_connected}
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% The controller
+%%% ------------------------------------------------------------------------------------
+
+handshaking(S) ->
+    receive
+        {From, Ref, {handshake_complete, DHandle}} ->
+            S1 = complete_handshake(S, DHandle),
+            From ! {Ref, ok},
+            %% Max priority was for the handshake; data runs at normal priority.
+            process_flag(priority, normal),
+            ok = erlang:dist_ctrl_get_data_notification(DHandle),
+            loop(S1);
+        Other ->
+            handshaking(handle_common(Other, S))
+    end.
+
+complete_handshake(#ctrl{conn = Conn} = S, DHandle) ->
+    Input = spawn_opt(fun() -> input_init(Conn) end, [link | ?PROCESS_OPTS]),
+    ok = erlang:dist_ctrl_input_handler(DHandle, Input),
+    Input ! {dist_handle, DHandle},
+    false = erlang:dist_ctrl_set_opt(DHandle, get_size, true),
+    case macula_dist_nif:activate(Conn, Input) of
+        ok -> ok;
+        {error, closed} -> await_close()
+    end,
+    S#ctrl{dhandle = DHandle}.
+
+loop(S) ->
+    receive
+        dist_data ->
+            loop(drain(S));
+        macula_writable ->
+            loop(drain(S#ctrl{busy = false}));
+        Other ->
+            loop(handle_common(Other, S))
+    end.
+
+handle_common({macula_closed, Reason}, _S) ->
+    exit(Reason);
+handle_common({From, Ref, {setopts, Opts}}, S) ->
+    case check_opts(Opts) of
+        ok ->
+            From ! {Ref, ok},
+            S#ctrl{opts = maps:merge(S#ctrl.opts, maps:from_list(Opts))};
+        Error ->
+            From ! {Ref, Error},
+            S
+    end;
+handle_common({From, Ref, {getopts, Opts}}, S) ->
+    From ! {Ref, get_opts(Opts, S#ctrl.opts)},
+    S;
+handle_common({From, Ref, info}, #ctrl{conn = Conn} = S) ->
+    From ! {Ref, macula_dist_nif:info(Conn)},
+    S;
+handle_common(_Stray, S) ->
+    S.
+
+%% Moves queued packets to the NIF in batches of up to `batch_limit' bytes. Stops when
+%% the VM's queue is empty (and re-arms the notification) or the NIF says busy (and
+%% waits for macula_writable, leaving the rest in the VM's queue).
+drain(#ctrl{busy = true} = S) ->
+    S;
+drain(S) ->
+    drain(S, [], 0).
+
+drain(#ctrl{batch_limit = Limit} = S, Batch, Size) when Size >= Limit ->
+    case push(S, Batch) of
+        ok -> drain(S, [], 0);
+        busy -> S#ctrl{busy = true}
+    end;
+drain(#ctrl{dhandle = DHandle} = S, Batch, Size) ->
+    case erlang:dist_ctrl_get_data(DHandle) of
+        none ->
+            case push(S, Batch) of
+                ok ->
+                    ok = erlang:dist_ctrl_get_data_notification(DHandle),
+                    S;
+                busy ->
+                    S#ctrl{busy = true}
+            end;
+        {PacketSize, Packet} ->
+            drain(S, [Packet | Batch], Size + PacketSize)
+    end.
+
+push(_S, []) ->
+    ok;
+push(#ctrl{conn = Conn}, Batch) ->
+    case macula_dist_nif:send_data(Conn, lists:reverse(Batch)) of
+        ok -> ok;
+        busy -> busy;
+        {error, closed} -> await_close();
+        {error, Reason} -> exit({send_failed, Reason})
+    end.
+
+%% The NIF reports why the connection closed; that reason is the nodedown reason.
+await_close() ->
+    receive
+        {macula_closed, Reason} -> exit(Reason)
+    after 5000 ->
+            exit(connection_closed)
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% Options
+%%% ------------------------------------------------------------------------------------
+
+%% @doc Checks options for a connection: only `{nodelay, boolean()}' exists, and QUIC
+%% sends small packets at once whatever its value.
+-spec check_opts(term()) -> ok | {error, term()}.
+check_opts([{nodelay, Bool} | Opts]) when is_boolean(Bool) ->
+    check_opts(Opts);
+check_opts([]) ->
+    ok;
+check_opts([Opt | _]) ->
+    {error, {unsupported_option, Opt}};
+check_opts(Opts) ->
+    {error, {badarg, Opts}}.
+
+%% @doc The values of the named options.
+-spec get_opts([atom()], #{nodelay => boolean()}) -> {ok, [{atom(), term()}]} | {error, term()}.
+get_opts(Names, Opts) when is_list(Names) ->
+    case [Name || Name <- Names, Name =/= nodelay] of
+        [] -> {ok, [{nodelay, maps:get(nodelay, Opts, true)} || nodelay <- Names]};
+        [Unknown | _] -> {error, {unsupported_option, Unknown}}
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% The input handler
+%%% ------------------------------------------------------------------------------------
+
+input_init(Conn) ->
+    receive
+        {dist_handle, DHandle} -> input_loop(Conn, DHandle)
+    end.
+
+input_loop(Conn, DHandle) ->
+    receive
+        {macula_data, Packets} ->
+            put_packets(DHandle, Packets),
+            ok = macula_dist_nif:ack_data(Conn),
+            input_loop(Conn, DHandle)
+    end.
+
+put_packets(DHandle, [Packet | Packets]) ->
+    try erlang:dist_ctrl_put_data(DHandle, Packet) of
+        ok -> put_packets(DHandle, Packets)
+    catch
+        error:_ -> death_row()
+    end;
+put_packets(_DHandle, []) ->
+    ok.
+
+death_row() ->
+    receive
+    after ?DEATH_ROW_TIMEOUT -> exit(connection_closed)
+    end.

@@ -1,0 +1,105 @@
+%%% @doc Stubs of the `macula_nif' Rust library (native/macula_nif).
+%%%
+%%% The library is loaded explicitly by {@link load/0}, called from
+%%% `macula_dist:listen/2', never through `-on_load': in an embedded-mode release
+%%% on_load handlers run only after distribution has started (CARRIER-NOTES pitfall 1).
+%%%
+%%% No function here blocks. Anything that waits answers later with a message:
+%%% <ul>
+%%% <li>`{macula_incoming, Conn, PeerAddr}', `{macula_refused, PeerAddr, Why}' to the acceptor;</li>
+%%% <li>`{macula_connect, {ok, Conn} | {error, {Kind, Message}}}' to the caller of connect/4;</li>
+%%% <li>`{macula_handshake, Binary}' to the caller of recv_handshake/1;</li>
+%%% <li>`{macula_data, [Packet]}' to the input handler given to activate/2;</li>
+%%% <li>`macula_writable' and `{macula_closed, Reason}' to the connection's owner;</li>
+%%% <li>`macula_endpoint_closed' to the caller of close_endpoint/1.</li>
+%%% </ul>
+-module(macula_dist_nif).
+
+-export([load/0]).
+-export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
+-export([set_owner/2, send_handshake/2, recv_handshake/1, activate/2, ack_data/1,
+         send_data/2, tick/1, stats/1, close/1, info/1]).
+
+-export_type([endpoint/0, conn/0, close_reason/0]).
+
+-type endpoint() :: reference().
+-type conn() :: reference().
+-type error_kind() :: bind | tls | resolve | connect.
+-type close_reason() :: connection_closed | net_tick_timeout | closed
+                      | {peer_closed, non_neg_integer(), binary()}
+                      | {protocol_violation, binary()}
+                      | {not_authenticated, binary()}
+                      | {transport_error, binary()}.
+
+-define(NOT_LOADED, erlang:nif_error({not_loaded, ?MODULE})).
+
+%% @doc Loads the shared library from this application's priv directory (idempotent).
+-spec load() -> ok | {error, term()}.
+load() ->
+    Path = filename:join(priv_dir(), "macula_dist_nif"),
+    case erlang:load_nif(Path, 0) of
+        ok -> ok;
+        {error, {reload, _}} -> ok;
+        {error, Reason} -> {error, {load_nif, Path, Reason}}
+    end.
+
+priv_dir() ->
+    case code:priv_dir(macula_dist) of
+        {error, bad_name} ->
+            filename:join(filename:dirname(filename:dirname(code:which(?MODULE))), "priv");
+        Dir ->
+            Dir
+    end.
+
+%%% Endpoint
+
+-spec listen(inet:ip_address(), inet:port_number(), map()) ->
+          {ok, endpoint()} | {error, {error_kind(), binary()}}.
+listen(_Ip, _Port, _Options) -> ?NOT_LOADED.
+
+-spec endpoint_address(endpoint()) -> {ok, {inet:ip_address(), inet:port_number()}} | {error, {bind, binary()}}.
+endpoint_address(_Endpoint) -> ?NOT_LOADED.
+
+-spec accept(endpoint(), pid()) -> ok.
+accept(_Endpoint, _Acceptor) -> ?NOT_LOADED.
+
+-spec connect(endpoint(), binary(), inet:port_number(), Owner :: pid()) -> ok.
+connect(_Endpoint, _Host, _Port, _Owner) -> ?NOT_LOADED.
+
+-spec close_endpoint(endpoint()) -> ok.
+close_endpoint(_Endpoint) -> ?NOT_LOADED.
+
+-spec rebind(endpoint(), inet:ip_address(), inet:port_number()) -> ok | {error, {bind, binary()}}.
+rebind(_Endpoint, _Ip, _Port) -> ?NOT_LOADED.
+
+%%% Connection
+
+-spec set_owner(conn(), pid()) -> ok | {error, closed}.
+set_owner(_Conn, _Owner) -> ?NOT_LOADED.
+
+-spec send_handshake(conn(), iodata()) -> ok | {error, closed | handshake_over | too_large}.
+send_handshake(_Conn, _Message) -> ?NOT_LOADED.
+
+-spec recv_handshake(conn()) -> ok | {error, closed}.
+recv_handshake(_Conn) -> ?NOT_LOADED.
+
+-spec activate(conn(), pid()) -> ok | {error, closed}.
+activate(_Conn, _InputHandler) -> ?NOT_LOADED.
+
+-spec ack_data(conn()) -> ok.
+ack_data(_Conn) -> ?NOT_LOADED.
+
+-spec send_data(conn(), [iodata()]) -> ok | busy | {error, closed | too_large}.
+send_data(_Conn, _Packets) -> ?NOT_LOADED.
+
+-spec tick(conn()) -> ok.
+tick(_Conn) -> ?NOT_LOADED.
+
+-spec stats(conn()) -> {Received :: non_neg_integer(), Sent :: non_neg_integer(), Pending :: non_neg_integer()}.
+stats(_Conn) -> ?NOT_LOADED.
+
+-spec close(conn()) -> ok.
+close(_Conn) -> ?NOT_LOADED.
+
+-spec info(conn()) -> #{atom() => term()}.
+info(_Conn) -> ?NOT_LOADED.
