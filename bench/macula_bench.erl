@@ -15,7 +15,10 @@
 %%%      (messages/s, acked every 1,000, 4 batches in flight). Each run is
 %%%      time bounded (default 5 s) or byte bounded, whichever comes first.
 %%%   4. CPU seconds per GB moved (utime+stime from /proc/<pid>/stat of both
-%%%      beam processes around the 1 MiB run) and peak RSS (VmHWM) per node.
+%%%      beam processes around the 1 MiB run, plus the whole host's busy time
+%%%      from /proc/stat, which also catches kernel network work) and peak
+%%%      RSS (VmHWM) per node. The CPU that other processes used meanwhile is
+%%%      reported, with a warning when the host was busy.
 %%%
 %%% How: this module is both the orchestrator and the workload. The
 %%% orchestrator is a NON-distributed node (so it never needs any carrier
@@ -36,12 +39,13 @@
 %% Orchestrator entry point (erl -s macula_bench main -extra ARGS).
 -export([main/0]).
 %% Called on the peer nodes through peer:call/5.
--export([disconnect/1, wait_gone/1, wait_present/1, timed_connect/1,
+-export([dist_protocol/1, disconnect/1, wait_gone/1, wait_present/1, timed_connect/1,
          watch_start/1, watch_count/0,
          rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7]).
 %% Spawned on the remote node B by the functions above.
 -export([echo/1, receiver/2]).
 
+-include_lib("kernel/include/net_address.hrl").
 -include_lib("public_key/include/public_key.hrl").
 
 -define(HOST, "127.0.0.1").
@@ -79,7 +83,10 @@ parse_args([], Opts) -> Opts;
 parse_args(["--quick" | T], Opts) -> parse_args(T, Opts#{quick => true});
 parse_args(["--markdown", File | T], Opts) -> parse_args(T, Opts#{markdown => File});
 parse_args(["--duration", S | T], Opts) ->
-    parse_args(T, Opts#{duration => list_to_integer(S) * 1000});
+    case string:to_integer(S) of
+        {Secs, ""} when Secs > 0 -> parse_args(T, Opts#{duration => Secs * 1000});
+        _ -> throw({usage, "--duration needs whole seconds: " ++ S})
+    end;
 parse_args(["--carriers", Cs | T], Opts) ->
     Carriers = [carrier(C) || C <- string:lexemes(Cs, ",")],
     parse_args(T, Opts#{carriers => Carriers});
@@ -194,25 +201,42 @@ epmd_args(#{epmd_port := Port}) ->
 
 start_node(C, Name, Ctx = #{bench_ebin := Ebin, cookie := Cookie, tmp := Tmp}) ->
     Dump = filename:join(Tmp, "erl_crash-" ++ Name ++ ".dump"),
-    Args = ["-setcookie", Cookie, "-pa", Ebin, "-start_epmd", "false"
+    Args = ["-setcookie", Cookie, "-pa", Ebin, "-start_epmd", "false",
+            %% Keep forwarded crash reports (e.g. ssl's full state) readable.
+            "-kernel", "error_logger_format_depth", "30"
             | carrier_args(C, Name, Ctx)],
     Opts = #{name => Name, host => ?HOST, longnames => true,
              connection => 0,            % control over TCP, not over dist
-             args => Args, wait_boot => 30000,
+             args => Args, wait_boot => 20000,
              env => [{"ERL_CRASH_DUMP", Dump}]},
-    case peer:start(Opts) of
+    %% peer:start/1 returns {error, _} or exits (e.g. timeout when the node
+    %% halts during boot before it connects back).
+    Result = try peer:start(Opts) catch exit:E -> {error, E} end,
+    case Result of
         {ok, Peer, Node} ->
             OsPid = list_to_integer(peer:call(Peer, os, getpid, [])),
             track(Peer, OsPid),
             #{peer => Peer, node => Node, ospid => OsPid};
         {error, Reason} ->
-            %% Boot errors (e.g. a carrier crashing in listen/2) end up in the
-            %% crash dump slogan, since a detached node has no console.
+            %% peer starts nodes -detached, so their console (where e.g.
+            %% "Protocol 'macula': register/listen error" goes) is lost:
+            %% boot the same command line once more in the foreground and
+            %% show what it prints, plus any crash dump slogan.
+            timer:sleep(1000),              % let a dying node finish its dump
+            Cmd = ["erl", "-name", Name ++ "@" ++ ?HOST | Args],
             error({node_start_failed, Name, Reason,
-                   {command_line, "erl -name " ++ Name ++ "@" ++ ?HOST ++ " "
-                                  ++ lists:join(" ", Args)},
-                   {crash_slogan, crash_slogan(Dump)}})
+                   {crash_slogan, crash_slogan(Dump)},
+                   {command_line, lists:flatten(lists:join(" ", Cmd))},
+                   {foreground_boot_output, boot_probe(Cmd, Dump ++ ".probe")}})
     end.
+
+%% Bounded by timeout(1); the command line contains our temp dir, so
+%% bench/run's exit trap would also catch a straggler.
+boot_probe(Cmd, Dump) ->
+    Quoted = [[$', A, $'] || A <- Cmd ++ ["-noshell", "-eval", "erlang:halt()."]],
+    Out = os:cmd(lists:flatten(["ERL_CRASH_DUMP='", Dump, "' timeout -k 2 15 ",
+                                lists:join(" ", Quoted), " 2>&1"])),
+    string:slice(Out, 0, 2000).
 
 crash_slogan(File) ->
     case file:read_file(File) of
@@ -226,9 +250,12 @@ crash_slogan(File) ->
 %% the process dictionary for orderly stops between carriers.
 track(Peer, OsPid) ->
     put(nodes, [{Peer, OsPid} | get_nodes()]),
-    {ok, F} = file:open(pidfile(), [append]),
-    ok = io:format(F, "~p~n", [OsPid]),
-    ok = file:close(F).
+    write_pidfile().
+
+%% Only pids of live nodes are listed, so a kill on exit can never hit a
+%% recycled pid of a node we already stopped.
+write_pidfile() ->
+    ok = file:write_file(pidfile(), [[integer_to_list(P), $\n] || {_, P} <- get_nodes()]).
 
 pidfile() -> os:getenv("MACULA_BENCH_PIDFILE").
 
@@ -241,7 +268,7 @@ get_nodes() ->
 stop_all_nodes() ->
     [stop_node(P, OsPid) || {P, OsPid} <- get_nodes()],
     put(nodes, []),
-    ok.
+    write_pidfile().
 
 stop_node(Peer, OsPid) ->
     catch peer:stop(Peer),
@@ -294,7 +321,8 @@ erlang_certs(Dir) ->
             Key = {key, {namedCurve, secp256r1}},
             San = {extensions,
                    [{'Extension', ?'id-ce-subjectAltName', false,
-                     [{iPAddress, [127, 0, 0, 1]}, {dNSName, "localhost"}]}]},
+                     [{iPAddress, [127, 0, 0, 1]}, {dNSName, "127.0.0.1"},
+                      {dNSName, "localhost"}]}]},
             #{server_config := S} =
                 public_key:pkix_test_data(
                   #{server_chain => #{root => [Key], intermediates => [], peer => [Key, San]},
@@ -318,9 +346,11 @@ erlang_certs(Dir) ->
 measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ctx) ->
     #{connects := NConn, rtts := NRtt, erpcs := NErpc,
       duration := Dur, budget := Budget} = Cfg,
+    Start = {host_busy_secs(Ctx), cpu_secs(A, Ctx) + cpu_secs(B, Ctx), erlang:monotonic_time()},
     %% First connection doubles as warm-up (code loading, e.g. ssl on TLS).
     {ok, _} = call(PA, ?MODULE, timed_connect, [NB]),
     ok = call(PB, ?MODULE, wait_present, [NA]),
+    check_carrier(C, A, B),
 
     log(C, "connection setup x~p", [NConn]),
     Setups = [connect_cycle(A, B) || _ <- lists:seq(1, NConn)],
@@ -336,9 +366,11 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
     Erpc = call(PA, ?MODULE, erpc_rtt, [NB, NErpc]),
 
     log(C, "throughput 1 MiB"),
-    Cpu0 = {cpu_secs(A, Ctx), cpu_secs(B, Ctx)},
+    %% Host-wide busy CPU too: kernel softirq work for loopback TCP/UDP is
+    %% not always charged to the sending or receiving process.
+    Cpu0 = {cpu_secs(A, Ctx), cpu_secs(B, Ctx), host_busy_secs(Ctx)},
     T1M = call(PA, ?MODULE, throughput, [NB, 1 bsl 20, 8, 1, Dur, Budget]),
-    Cpu1 = {cpu_secs(A, Ctx), cpu_secs(B, Ctx)},
+    Cpu1 = {cpu_secs(A, Ctx), cpu_secs(B, Ctx), host_busy_secs(Ctx)},
     log(C, "throughput 64 KiB"),
     T64 = call(PA, ?MODULE, throughput, [NB, 1 bsl 16, 8, 1, Dur, Budget]),
     log(C, "throughput 64 KiB x8 senders"),
@@ -351,8 +383,10 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
         Downs -> error({connection_dropped_during_measurement, {nodedowns_a_b, Downs}})
     end,
 
+    Other = other_cpu(Start, {host_busy_secs(Ctx), cpu_secs(A, Ctx) + cpu_secs(B, Ctx),
+                              erlang:monotonic_time()}),
     GB = maps:get(bytes, T1M) / 1.0e9,
-    {{CpuA0, CpuB0}, {CpuA1, CpuB1}} = {Cpu0, Cpu1},
+    {{CpuA0, CpuB0, Host0}, {CpuA1, CpuB1, Host1}} = {Cpu0, Cpu1},
     [log(C, "~s: ~p bytes in ~.2f s", [L, maps:get(bytes, T), maps:get(secs, T)])
      || {L, T} <- [{"1 MiB", T1M}, {"64 KiB", T64}, {"64 KiB x8", T64x8}, {"100 B", T100}]],
     #{setup_ms => SetupMs,
@@ -362,7 +396,22 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
       tp_64k_x8 => maps:get(mb_s, T64x8), rate_100b => maps:get(msgs_s, T100) / 1000,
       cpu_a => (CpuA1 - CpuA0) / GB, cpu_b => (CpuB1 - CpuB0) / GB,
       cpu_ab => (CpuA1 - CpuA0 + CpuB1 - CpuB0) / GB,
-      rss_a => vm_hwm_mib(A), rss_b => vm_hwm_mib(B)}.
+      cpu_host => (Host1 - Host0) / GB,
+      rss_a => vm_hwm_mib(A), rss_b => vm_hwm_mib(B),
+      other_cpu => Other}.
+
+%% Make sure the connection really runs over the carrier under test: in
+%% OTP 25 a duplicated -proto_dist silently falls back to inet_tcp.
+check_carrier(C, #{peer := PA}, #{node := NB}) ->
+    Proto = call(PA, ?MODULE, dist_protocol, [NB]),
+    log(C, "connection protocol (#net_address.protocol): ~p", [Proto]),
+    Ok = case C of
+             tcp -> Proto =:= tcp;
+             tls -> Proto =:= tls;
+             macula -> Proto =/= tcp andalso Proto =/= tls
+                           andalso call(PA, code, is_loaded, [macula_dist]) =/= false
+         end,
+    Ok orelse error({wrong_carrier, C, Proto}).
 
 %% Tear the connection down until neither side lists the other, then time a
 %% fresh connect on A. Retries if something re-connected behind our back
@@ -377,7 +426,9 @@ connect_cycle(A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Trie
             ok = call(PB, ?MODULE, wait_present, [NA]),
             Us;
         already_connected when Tries > 0 ->
-            connect_cycle(A, B, Tries - 1)
+            connect_cycle(A, B, Tries - 1);
+        already_connected ->
+            error({reconnected_before_timed_connect, NB})
     end.
 
 call(Peer, M, F, A) ->
@@ -393,6 +444,22 @@ cpu_secs(#{ospid := Pid}, #{clk_tck := Hz}) ->
     Utime = list_to_integer(lists:nth(14 - 2, Fields)),
     Stime = list_to_integer(lists:nth(15 - 2, Fields)),
     (Utime + Stime) / Hz.
+
+%% Busy (non-idle) CPU seconds of the whole host, from /proc/stat.
+host_busy_secs(#{clk_tck := Hz}) ->
+    {ok, Bin} = file:read_file("/proc/stat"),
+    [Cpu | _] = binary:split(Bin, <<"\n">>),
+    [_ | Vals] = string:lexemes(binary_to_list(Cpu), " "),
+    %% user nice system idle iowait irq softirq steal (guest is inside user)
+    [User, Nice, Sys, _Idle, _Iowait, Irq, SoftIrq, Steal | _] =
+        [list_to_integer(V) || V <- Vals],
+    (User + Nice + Sys + Irq + SoftIrq + Steal) / Hz.
+
+%% Average number of cores busy with anything but the two nodes (the
+%% orchestrator's own share is negligible).
+other_cpu({Host0, Nodes0, T0}, {Host1, Nodes1, T1}) ->
+    Wall = to_us(T1 - T0) / 1.0e6,
+    max(0.0, ((Host1 - Host0) - (Nodes1 - Nodes0)) / Wall).
 
 vm_hwm_mib(#{ospid := Pid}) ->
     {ok, Bin} = file:read_file("/proc/" ++ integer_to_list(Pid) ++ "/status"),
@@ -437,6 +504,11 @@ timed_connect(Node) ->
             Result =:= true orelse error({connect_failed, Node, Result}),
             {ok, to_us(T1 - T0)}
     end.
+
+dist_protocol(Node) ->
+    {ok, Info} = net_kernel:node_info(Node),
+    #net_address{protocol = Protocol} = proplists:get_value(address, Info),
+    Protocol.
 
 %% A registered process that counts nodedowns of Node from now on.
 watch_start(Node) ->
@@ -603,6 +675,7 @@ metrics() ->
      {cpu_a,     "CPU s/GB, sender node (1 MiB run)", 2},
      {cpu_b,     "CPU s/GB, receiver node (1 MiB run)", 2},
      {cpu_ab,    "CPU s/GB, both nodes (1 MiB run)", 2},
+     {cpu_host,  "CPU s/GB, whole host (1 MiB run)", 2},
      {rss_a,     "peak RSS sender node (MiB)", 1},
      {rss_b,     "peak RSS receiver node (MiB)", 1}].
 
@@ -638,7 +711,10 @@ text_table(Rows) ->
 
 md_table(Rows = [Hdr | Body]) ->
     Widths = col_widths(Rows),
-    Sep = ["|", lists:join("|", [[$-, lists:duplicate(W, $-), $-] || W <- Widths]), "|\n"],
+    %% Numeric columns right-aligned (":" at the right end).
+    [W1 | Ws] = Widths,
+    Sep = ["|", lists:join("|", [lists:duplicate(W1 + 2, $-)
+                                 | [[lists:duplicate(W + 1, $-), $:] || W <- Ws]]), "|\n"],
     [md_row(Hdr, Widths), Sep | [md_row(R, Widths) || R <- Body]].
 
 md_row(R, Widths) -> ["| ", string:trim(format_row(R, Widths, " | "), trailing, "\n"), " |\n"].
@@ -654,15 +730,36 @@ format_row([First | Rest], [W1 | Ws], Sep) ->
 
 notes(All, #{duration := Dur, budget := Budget, connects := NC, rtts := NR, erpcs := NE}) ->
     Failures = [io_lib:format("~p failed: ~0p~n", [C, R]) || {C, {error, R}} <- All],
+    %% Other work on the host skews every number: say how much there was.
+    Other = [{C, maps:get(other_cpu, R)} || {C, {ok, R}} <- All],
+    LoadNote =
+        case Other of
+            [] -> [];
+            _ -> io_lib:format("CPU used by other processes during each carrier's run "
+                               "(cores): ~s.~s~n",
+                               [lists:join(", ", [io_lib:format("~p ~.2f", [C, L])
+                                                  || {C, L} <- Other]),
+                                case [L || {_, L} <- Other, L > 0.2] of
+                                    [] -> "";
+                                    _ -> " WARNING: the host was busy, results are noisy."
+                                end])
+        end,
     [io_lib:format("~nLoopback, one host (~s), OTP ~s. Connection setup: median of ~p; "
                    "round trips: ~p messages, ~p erpc calls.~n"
                    "Throughput runs: ~.1f s or ~p MB each (whichever first), window 8 "
                    "(100 B: ack every 1000, 4 batches in flight). MB = 10^6 bytes.~n"
                    "Ratios are macula/other: >1 is better for throughput, <1 for "
                    "latency, CPU and RSS.~n",
-                   [cpu_model(), erlang:system_info(otp_release), NC, NR, NE,
+                   [cpu_model(), otp_version(), NC, NR, NE,
                     Dur / 1000, Budget div 1000000]),
-     Failures].
+     LoadNote, Failures].
+
+otp_version() ->
+    Rel = erlang:system_info(otp_release),
+    case file:read_file(filename:join([code:root_dir(), "releases", Rel, "OTP_VERSION"])) of
+        {ok, V} -> string:trim(binary_to_list(V));
+        _ -> Rel
+    end.
 
 cpu_model() ->
     N = erlang:system_info(logical_processors),

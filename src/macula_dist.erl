@@ -145,8 +145,12 @@ accept_connection(AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
 
 do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
     receive
-        {AcceptPid, controller, Conn, _PeerAddr} ->
+        {AcceptPid, controller, Conn, PeerAddr} ->
             Timer = dist_util:start_timer(SetupTime),
+            case macula_dist_auth:respond(Conn, PeerAddr) of
+                {ok, _Name} -> ok;
+                {error, _} -> ?shutdown(no_node)
+            end,
             HSData = (macula_dist_ctrl:hs_data(Ctrl, Conn))#hs_data{
                        kernel_pid = Kernel,
                        this_node = MyNode,
@@ -177,6 +181,10 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
            end,
     dist_util:reset_timer(Timer),
     Ctrl = macula_dist_ctrl:start_linked(Conn),
+    case macula_dist_auth:initiate(Conn, MyNode, Node) of
+        ok -> ok;
+        {error, AuthError} -> ?shutdown2(Node, {not_authenticated, AuthError})
+    end,
     HSData = (macula_dist_ctrl:hs_data(Ctrl, Conn))#hs_data{
                kernel_pid = Kernel,
                other_node = Node,

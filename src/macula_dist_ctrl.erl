@@ -25,6 +25,10 @@
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("kernel/include/dist_util.hrl").
+-include_lib("kernel/include/logger.hrl").
+
+%% QUIC close code of a peer that refused our cookie proof (macula_quic close_code).
+-define(NOT_AUTHENTICATED, 2).
 
 %% Off-heap mailboxes and eager full sweeps keep large binaries from lingering in
 %% long-lived connection processes (as gen_tcp_dist does).
@@ -171,6 +175,9 @@ handshaking(S) ->
             process_flag(priority, normal),
             ok = erlang:dist_ctrl_get_data_notification(DHandle),
             loop(S1);
+        {macula_closed, {peer_closed, ?NOT_AUTHENTICATED, _} = Reason} ->
+            ?LOG_WARNING("macula_dist: the peer refused this node's cookie proof (different cookie?)"),
+            exit(Reason);
         Other ->
             handshaking(handle_common(Other, S))
     end.

@@ -17,8 +17,8 @@
 
 -export([load/0]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
--export([set_owner/2, send_handshake/2, recv_handshake/1, activate/2, ack_data/1,
-         send_data/2, tick/1, stats/1, close/1, info/1]).
+-export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
+         refuse/2, activate/2, ack_data/1, send_data/2, tick/1, stats/1, close/1, info/1]).
 
 -export_type([endpoint/0, conn/0, close_reason/0]).
 
@@ -53,9 +53,16 @@ priv_dir() ->
 
 %%% Endpoint
 
+%% Binds the node's UDP endpoint (on a runtime thread; this waits for the answer).
 -spec listen(inet:ip_address(), inet:port_number(), map()) ->
           {ok, endpoint()} | {error, {error_kind(), binary()}}.
-listen(_Ip, _Port, _Options) -> ?NOT_LOADED.
+listen(Ip, Port, Options) ->
+    ok = start_listen(Ip, Port, Options),
+    receive
+        {macula_listen, Result} -> Result
+    end.
+
+start_listen(_Ip, _Port, _Options) -> ?NOT_LOADED.
 
 -spec endpoint_address(endpoint()) -> {ok, {inet:ip_address(), inet:port_number()}} | {error, {bind, binary()}}.
 endpoint_address(_Endpoint) -> ?NOT_LOADED.
@@ -82,6 +89,20 @@ send_handshake(_Conn, _Message) -> ?NOT_LOADED.
 
 -spec recv_handshake(conn()) -> ok | {error, closed}.
 recv_handshake(_Conn) -> ?NOT_LOADED.
+
+%% This side's cookie proof for the connection's TLS session (see macula_dist_auth).
+-spec auth_proof(conn(), Cookie :: binary(), initiator | acceptor, NodeName :: binary()) ->
+          {ok, binary()} | {error, closed}.
+auth_proof(_Conn, _Cookie, _Role, _NodeName) -> ?NOT_LOADED.
+
+%% Checks the peer's proof: `true' authenticates it.
+-spec auth_verify(conn(), Cookie :: binary(), initiator | acceptor, NodeName :: binary(), Proof :: binary()) ->
+          boolean() | {error, closed}.
+auth_verify(_Conn, _Cookie, _Role, _NodeName, _Proof) -> ?NOT_LOADED.
+
+%% Closes a connection whose peer failed to authenticate; it sees close code 2.
+-spec refuse(conn(), binary()) -> ok.
+refuse(_Conn, _Why) -> ?NOT_LOADED.
 
 -spec activate(conn(), pid()) -> ok | {error, closed}.
 activate(_Conn, _InputHandler) -> ?NOT_LOADED.

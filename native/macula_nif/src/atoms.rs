@@ -8,6 +8,7 @@ rustler::atoms! {
     handshake_over,
     too_large,
     // Messages.
+    macula_listen,
     macula_incoming,
     macula_refused,
     macula_connect,
@@ -38,6 +39,7 @@ rustler::atoms! {
     alpn,
     rtt_us,
     initiator,
+    acceptor,
     mtu,
     lost_packets,
     sent_packets,

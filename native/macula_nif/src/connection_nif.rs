@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use macula_quic::frame::push_data_frame;
+use macula_quic::auth::Role;
 use macula_quic::{ConnError, Connection, SendStatus};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
@@ -139,6 +140,49 @@ fn collect_slices<'a>(term: Term<'a>, out: &mut Vec<&'a [u8]>) -> NifResult<()> 
         collect_slices(element, out)?;
     }
     Ok(())
+}
+
+/// The role atom of a cookie proof.
+fn role(role: rustler::Atom) -> NifResult<Role> {
+    if role == atoms::initiator() {
+        Ok(Role::Initiator)
+    } else if role == atoms::acceptor() {
+        Ok(Role::Acceptor)
+    } else {
+        Err(rustler::Error::BadArg)
+    }
+}
+
+/// This side's cookie proof for the connection's TLS session.
+#[rustler::nif]
+fn auth_proof<'a>(env: Env<'a>, conn: Conn, cookie: Binary<'a>, role_atom: rustler::Atom, node_name: Binary<'a>) -> NifResult<Term<'a>> {
+    Ok(match conn.conn.prove(&cookie, role(role_atom)?, &node_name) {
+        Ok(proof) => (atoms::ok(), terms::bytes(env, &proof)).encode(env),
+        Err(e) => error_term(env, e),
+    })
+}
+
+/// Checks the peer's cookie proof: `true` authenticates the peer.
+#[rustler::nif]
+fn auth_verify<'a>(
+    env: Env<'a>,
+    conn: Conn,
+    cookie: Binary<'a>,
+    role_atom: rustler::Atom,
+    node_name: Binary<'a>,
+    proof: Binary<'a>,
+) -> NifResult<Term<'a>> {
+    Ok(match conn.conn.verify_peer(&cookie, role(role_atom)?, &node_name, &proof) {
+        Ok(valid) => valid.encode(env),
+        Err(e) => error_term(env, e),
+    })
+}
+
+/// Closes a connection whose peer did not authenticate (QUIC close code 2).
+#[rustler::nif]
+fn refuse(conn: Conn, why: String) -> rustler::Atom {
+    conn.conn.refuse(&why);
+    atoms::ok()
 }
 
 /// Queues a tick on the control stream.

@@ -12,7 +12,7 @@ use rustler::{Encoder, Env, LocalPid, NifResult, Resource, ResourceArc, Term};
 use crate::connection_nif::ConnResource;
 use crate::events::{send, ErlangEvents};
 use crate::terms::{self, EndpointOptions};
-use crate::{atoms, runtime};
+use crate::{atoms, runtime, shutdown};
 
 /// A bound endpoint, held by `macula_dist` as its listen handle.
 pub struct EndpointResource {
@@ -26,23 +26,36 @@ impl Resource for EndpointResource {}
 /// How long `close_endpoint` lets CONNECTION_CLOSE frames drain before it reports.
 const CLOSE_DRAIN: Duration = Duration::from_millis(500);
 
-/// Binds the node's UDP endpoint. Fast: a socket bind and an ephemeral key.
+/// Binds the node's UDP endpoint on a runtime thread; the caller gets
+/// `{macula_listen, {ok, Endpoint} | {error, {Kind, Message}}}`. (Binding runs off the
+/// scheduler thread because quinn seeds a thread-local RNG there, and the VM's exit
+/// path cannot destroy thread-locals of a library on its own threads safely.)
 #[rustler::nif]
-fn listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOptions) -> NifResult<Term<'a>> {
+fn start_listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOptions) -> NifResult<Term<'a>> {
     let addr = SocketAddr::new(terms::decode_ip(ip)?, port);
     let runtime = match runtime::get_or_start(options.runtime_workers) {
         Ok(runtime) => runtime,
         Err(e) => return Ok(terms::error(env, atoms::bind(), &format!("cannot start runtime: {e}"))),
     };
-    let _context = runtime.enter();
-    match Endpoint::bind(addr, options.settings()) {
-        Ok(endpoint) => {
-            let resource = ResourceArc::new(EndpointResource { endpoint: Arc::new(endpoint), accepting: AtomicBool::new(false) });
-            Ok((atoms::ok(), resource).encode(env))
-        }
-        Err(BindError::Tls(e)) => Ok(terms::error(env, atoms::tls(), &e.to_string())),
-        Err(e) => Ok(terms::error(env, atoms::bind(), &e.to_string())),
-    }
+    let caller = env.pid();
+    let settings = options.settings();
+    runtime.spawn(async move {
+        let result = Endpoint::bind(addr, settings);
+        send(&caller, |env| {
+            let reply = match result {
+                Ok(endpoint) => {
+                    let endpoint = Arc::new(endpoint);
+                    shutdown::register(&endpoint);
+                    let resource = ResourceArc::new(EndpointResource { endpoint, accepting: AtomicBool::new(false) });
+                    (atoms::ok(), resource).encode(env)
+                }
+                Err(BindError::Tls(e)) => terms::error(env, atoms::tls(), &e.to_string()),
+                Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
+            };
+            (atoms::macula_listen(), reply).encode(env)
+        });
+    });
+    Ok(atoms::ok().encode(env))
 }
 
 /// The bound `{Ip, Port}`.
@@ -68,7 +81,7 @@ fn accept(endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> NifRes
         let settings = endpoint.settings().clone();
         let on_connection = move |established: macula_quic::Established| {
             let peer = established.quic.remote_address();
-            let conn = Connection::start(established.quic, established.control, false, ErlangEvents::default(), settings.clone());
+            let conn = Connection::start(established, false, ErlangEvents::default(), settings.clone());
             let resource = ResourceArc::new(ConnResource::new(conn));
             send(&acceptor, |env| (atoms::macula_incoming(), resource, terms::encode_addr(env, peer)).encode(env));
         };
@@ -102,13 +115,7 @@ fn connect(env: Env, endpoint: ResourceArc<EndpointResource>, host: String, port
         };
         match endpoint.connect(addr).await {
             Ok(established) => {
-                let conn = Connection::start(
-                    established.quic,
-                    established.control,
-                    true,
-                    ErlangEvents::with_owner(owner),
-                    endpoint.settings().clone(),
-                );
+                let conn = Connection::start(established, true, ErlangEvents::with_owner(owner), endpoint.settings().clone());
                 let resource = ResourceArc::new(ConnResource::new(conn));
                 if resource.monitor(None, &owner).is_none() {
                     resource.conn.close();

@@ -19,6 +19,9 @@ pub fn send<F>(pid: &LocalPid, build: F)
 where
     F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
 {
+    if crate::shutdown::stopping() {
+        return;
+    }
     MESSAGE_ENV.with(|env| {
         let _ = env.borrow_mut().send_and_clear(pid, build);
     });

@@ -8,6 +8,11 @@ mod connection_nif;
 mod endpoint_nif;
 mod events;
 mod runtime;
+mod shutdown;
 mod terms;
 
-rustler::init!("macula_dist_nif");
+fn on_load(_env: rustler::Env, _info: rustler::Term) -> bool {
+    shutdown::install()
+}
+
+rustler::init!("macula_dist_nif", load = on_load);

@@ -1,26 +1,40 @@
 //! The one tokio runtime of the library, shared by every endpoint.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
 
-use tokio::runtime::Runtime;
+use tokio::runtime::{Handle, Runtime};
 
-static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+/// Owned here so the VM's exit can stop its threads (see `shutdown`).
+static RUNTIME: Mutex<Option<Runtime>> = Mutex::new(None);
+static HANDLE: OnceLock<Handle> = OnceLock::new();
 
 /// The runtime, started on first use with `workers` threads (later values are ignored:
 /// a node has one runtime for its lifetime).
-pub fn get_or_start(workers: usize) -> std::io::Result<&'static Runtime> {
-    if let Some(runtime) = RUNTIME.get() {
-        return Ok(runtime);
+pub fn get_or_start(workers: usize) -> std::io::Result<&'static Handle> {
+    let mut runtime = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle);
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let started = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
         .thread_name("macula-quic")
         .enable_all()
         .build()?;
-    Ok(RUNTIME.get_or_init(|| runtime))
+    let handle = HANDLE.get_or_init(|| started.handle().clone());
+    *runtime = Some(started);
+    Ok(handle)
 }
 
-/// The runtime, if `listen` (or `client_endpoint`) started it.
-pub fn get() -> Option<&'static Runtime> {
-    RUNTIME.get()
+/// The runtime, if `listen` started it.
+pub fn get() -> Option<&'static Handle> {
+    HANDLE.get()
+}
+
+/// Stops the runtime's threads, waiting at most `timeout` for them.
+pub fn stop(timeout: Duration) {
+    let runtime = RUNTIME.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(runtime) = runtime {
+        runtime.shutdown_timeout(timeout);
+    }
 }

@@ -24,6 +24,8 @@ use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use thiserror::Error;
 use tokio::sync::{Notify, Semaphore};
 
+use crate::auth::{self, Role, PROOF_LEN};
+use crate::endpoint::{Established, Gate};
 use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, PacketBuf};
 use crate::settings::Settings;
 
@@ -139,6 +141,7 @@ struct ControlOut {
 /// A distribution connection; shared by the NIF resource and the driver tasks.
 pub struct Connection<E: Events> {
     quic: quinn::Connection,
+    gate: Arc<Gate>,
     events: E,
     settings: Arc<Settings>,
     initiator: bool,
@@ -156,15 +159,11 @@ pub struct Connection<E: Events> {
 impl<E: Events> Connection<E> {
     /// Starts the driver tasks of an established QUIC connection whose control stream is
     /// open. Must run inside the tokio runtime.
-    pub fn start(
-        quic: quinn::Connection,
-        control: (SendStream, RecvStream),
-        initiator: bool,
-        events: E,
-        settings: Arc<Settings>,
-    ) -> Arc<Self> {
+    pub fn start(established: Established, initiator: bool, events: E, settings: Arc<Settings>) -> Arc<Self> {
+        let Established { quic, control, gate } = established;
         let conn = Arc::new(Connection {
             quic,
+            gate,
             events,
             settings,
             initiator,
@@ -245,6 +244,34 @@ impl<E: Events> Connection<E> {
             return Ok(SendStatus::Ready);
         }
         Ok(SendStatus::Busy)
+    }
+
+    /// This side's cookie proof for this TLS session (see [`crate::auth`]).
+    pub fn prove(&self, cookie: &[u8], role: Role, node_name: &[u8]) -> Result<[u8; PROOF_LEN], ConnError> {
+        Ok(auth::proof(&self.exporter()?, cookie, role, node_name))
+    }
+
+    /// Checks the peer's cookie proof; when it holds, the peer is authenticated and its
+    /// connection leaves probation.
+    pub fn verify_peer(&self, cookie: &[u8], role: Role, node_name: &[u8], proof: &[u8]) -> Result<bool, ConnError> {
+        let valid = auth::verify(&self.exporter()?, cookie, role, node_name, proof);
+        if valid {
+            self.gate.open();
+        }
+        Ok(valid)
+    }
+
+    /// Closes the connection because the peer did not authenticate.
+    pub fn refuse(&self, why: &str) {
+        self.close_with(CloseReason::NotAuthenticated(why.into()), close_code::NOT_AUTHENTICATED, b"not authenticated");
+    }
+
+    fn exporter(&self) -> Result<[u8; PROOF_LEN], ConnError> {
+        let mut exporter = [0; PROOF_LEN];
+        self.quic
+            .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
+            .map_err(|_| ConnError::Closed)?;
+        Ok(exporter)
     }
 
     /// Asks for a tick on the control stream. Ticks requested while one is queued merge.

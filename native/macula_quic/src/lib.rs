@@ -6,6 +6,7 @@
 //! Erlang messages; the tests here implement it with channels. Everything a peer sends
 //! is treated as hostile: bad input closes that one connection, never panics.
 
+pub mod auth;
 pub mod connection;
 pub mod endpoint;
 pub mod frame;
@@ -14,5 +15,5 @@ pub mod settings;
 pub mod tls;
 
 pub use connection::{CloseReason, ConnError, Connection, Events, SendStatus, Stats};
-pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint, Established};
+pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint, Established, Gate};
 pub use settings::Settings;

@@ -1,0 +1,116 @@
+%%% @doc Cookie proofs bound to the TLS session, exchanged before the dist_util
+%%% handshake (zero-configuration mode). See native/macula_quic/src/auth.rs for why.
+%%%
+%%% On the control stream, before any dist_util message:
+%%% <pre>
+%%%   initiator -> acceptor: "A", NameLen:16, InitiatorName, Proof:32   (role initiator)
+%%%   acceptor -> initiator: "a", Proof:32                               (role acceptor)
+%%% </pre>
+%%% Each `Proof' is HMAC-SHA256 of the cookie over a TLS exporter value of this session,
+%%% the role and the initiator's node name. The acceptor checks first and answers only
+%%% a peer that proved the cookie, so strangers learn nothing to guess cookies with.
+%%% Per-node cookies (`erlang:set_cookie(Node, Cookie)') are used where set.
+-module(macula_dist_auth).
+
+-export([initiate/3, respond/2]).
+
+-include_lib("kernel/include/logger.hrl").
+
+-define(PROOF_LEN, 32).
+
+%% @doc Proves the cookie to the node we connect to, then checks its answer.
+-spec initiate(macula_dist_nif:conn(), node(), node()) -> ok | {error, term()}.
+initiate(Conn, MyNode, Node) ->
+    Cookie = cookie(Node),
+    Name = atom_to_binary(MyNode, utf8),
+    Exchange = fun() ->
+                       Proof = unwrap(macula_dist_nif:auth_proof(Conn, Cookie, initiator, Name)),
+                       ok = unwrap(macula_dist_nif:send_handshake(Conn, [$A, <<(byte_size(Name)):16>>, Name, Proof])),
+                       case unwrap(recv(Conn)) of
+                           <<$a, Answer:?PROOF_LEN/binary>> ->
+                               check(macula_dist_nif:auth_verify(Conn, Cookie, acceptor, Name, Answer));
+                           Other ->
+                               {error, {malformed_auth_reply, byte_size(Other)}}
+                       end
+               end,
+    outcome(Conn, {node, Node}, run(Exchange)).
+
+%% @doc Checks the connecting node's proof and answers it. Returns the name the peer
+%% proved the cookie for.
+-spec respond(macula_dist_nif:conn(), {inet:ip_address(), inet:port_number()}) -> {ok, binary()} | {error, term()}.
+respond(Conn, PeerAddr) ->
+    Exchange = fun() ->
+                       case unwrap(recv(Conn)) of
+                           <<$A, Len:16, Name:Len/binary, Proof:?PROOF_LEN/binary>> ->
+                               respond(Conn, Name, Proof);
+                           Other ->
+                               {error, {malformed_auth_message, byte_size(Other)}}
+                       end
+               end,
+    outcome(Conn, {address, PeerAddr}, run(Exchange)).
+
+respond(Conn, Name, Proof) ->
+    case macula_dist_name:split(binary_to_list(Name)) of
+        false ->
+            {error, {bad_node_name, Name}};
+        _ ->
+            Cookie = cookie_for_name(Name),
+            case check(macula_dist_nif:auth_verify(Conn, Cookie, initiator, Name, Proof)) of
+                ok ->
+                    Answer = unwrap(macula_dist_nif:auth_proof(Conn, Cookie, acceptor, Name)),
+                    ok = unwrap(macula_dist_nif:send_handshake(Conn, [$a, Answer])),
+                    {ok, Name};
+                {error, Why} ->
+                    {error, {Why, Name}}
+            end
+    end.
+
+run(Exchange) ->
+    try Exchange()
+    catch throw:{?MODULE, Error} -> Error
+    end.
+
+%% Every refusal is logged once, here, then the peer is told (QUIC close code 2).
+outcome(_Conn, _Peer, ok) ->
+    ok;
+outcome(_Conn, _Peer, {ok, _} = Ok) ->
+    Ok;
+outcome(_Conn, _Peer, {error, closed} = Error) ->
+    Error;
+outcome(Conn, Peer, {error, Why} = Error) ->
+    ?LOG_WARNING("macula_dist: refused ~ts: ~tp", [describe(Peer), Why]),
+    macula_dist_nif:refuse(Conn, unicode:characters_to_binary(io_lib:format("~tp", [Why]))),
+    Error.
+
+describe({node, Node}) ->
+    io_lib:format("connection to ~ts", [Node]);
+describe({address, {Ip, Port}}) ->
+    io_lib:format("connection from ~ts:~b", [inet:ntoa(Ip), Port]).
+
+unwrap(ok) -> ok;
+unwrap({ok, Value}) -> Value;
+unwrap({error, _} = Error) -> throw({?MODULE, Error}).
+
+check(true) -> ok;
+check(false) -> {error, wrong_cookie};
+check({error, _} = Error) -> Error.
+
+recv(Conn) ->
+    case macula_dist_nif:recv_handshake(Conn) of
+        ok -> receive {macula_handshake, Message} -> {ok, Message} end;
+        {error, _} = Error -> Error
+    end.
+
+%% A name that is not an atom yet cannot have a per-node cookie; no atom is made for
+%% an unauthenticated peer.
+cookie_for_name(Name) ->
+    try binary_to_existing_atom(Name, utf8) of
+        Node -> cookie(Node)
+    catch
+        error:badarg -> cookie(node())
+    end.
+
+cookie(Node) when Node =:= node() ->
+    atom_to_binary(erlang:get_cookie(), utf8);
+cookie(Node) ->
+    atom_to_binary(auth:get_cookie(Node), utf8).

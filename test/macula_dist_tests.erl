@@ -1,0 +1,282 @@
+%%% @doc EUnit tests of the pure Erlang parts of macula_dist: node names
+%%% (macula_dist:splitname/1, select/1, is_node_name/1, macula_dist_name), options
+%%% (macula_dist_config) and per-connection options (macula_dist_ctrl:check_opts/1,
+%%% get_opts/2). Nothing here loads the NIF or starts distribution.
+-module(macula_dist_tests).
+
+-include_lib("eunit/include/eunit.hrl").
+
+%%% ------------------------------------------------------------------------------------
+%%% Node names
+%%% ------------------------------------------------------------------------------------
+
+splitname_ipv4_test() ->
+    ?assertEqual({4433, "192.168.1.100"}, macula_dist:splitname('4433@192.168.1.100')),
+    ?assertEqual({4433, "127.0.0.1"}, macula_dist:splitname('4433@127.0.0.1')),
+    ?assertEqual({1, "10.0.0.5"}, macula_dist:splitname('1@10.0.0.5')),
+    ?assertEqual({65535, "10.0.0.5"}, macula_dist:splitname('65535@10.0.0.5')).
+
+splitname_ipv6_test() ->
+    ?assertEqual({4437, "::1"}, macula_dist:splitname('4437@::1')),
+    ?assertEqual({4437, "2001:db8::42"}, macula_dist:splitname('4437@2001:db8::42')),
+    ?assertEqual({4437, "fe80::1:2:3:4"}, macula_dist:splitname('4437@fe80::1:2:3:4')),
+    ?assertEqual({4437, "::ffff:10.0.0.1"}, macula_dist:splitname('4437@::ffff:10.0.0.1')).
+
+splitname_host_names_test() ->
+    ?assertEqual({4433, "localhost"}, macula_dist:splitname('4433@localhost')),
+    ?assertEqual({4433, "example.com"}, macula_dist:splitname('4433@example.com')),
+    ?assertEqual({4433, "node-1.eu-west.example.org"},
+                 macula_dist:splitname('4433@node-1.eu-west.example.org')),
+    ?assertEqual({4433, "Host9"}, macula_dist:splitname('4433@Host9')),
+    %% A fully qualified name with its root dot.
+    ?assertEqual({4433, "example.com."}, macula_dist:splitname('4433@example.com.')),
+    %% Labels may start with a digit (RFC 1123) as long as the name is not all digits.
+    ?assertEqual({4433, "1.2.3.com"}, macula_dist:splitname('4433@1.2.3.com')).
+
+splitname_bad_name_part_test_() ->
+    [?_assertEqual(false, macula_dist:splitname(N))
+     || N <- ['foo@host', '0@h', '65536@h', '99999@h', '123456@h', '-1@h', '@h',
+              '44 33@h', '4433x@h', '0x10@h', '+80@h']].
+
+splitname_bad_shape_test_() ->
+    [?_assertEqual(false, macula_dist:splitname(N))
+     || N <- ['a@b@c', '1@b@c', '4433', '4433@', 'nonode@nohost', '']].
+
+splitname_bad_host_test_() ->
+    [?_assertEqual(false, macula_dist:splitname(N))
+     || N <- ['4433@bad_host', '4433@1.2.3', '4433@1.2.3.4.5', '4433@256.1.1.1',
+              '4433@-host', '4433@host-', '4433@a..b', '4433@.example.com',
+              '4433@exa mple.com', '4433@host!', '4433@::1::2', '4433@127.0.0.1.',
+              list_to_atom("4433@" ++ lists:duplicate(64, $a) ++ ".com")]].
+
+%% Atoms stop at 255 characters, so a host name over 253 characters is checked on
+%% a string.
+name_too_long_host_test() ->
+    Host254 = string:join(lists:duplicate(63, "abc"), ".") ++ ".ab",
+    ?assertEqual(254, length(Host254)),
+    ?assertEqual(false, macula_dist_name:split("4433@" ++ Host254)),
+    Host253 = string:join(lists:duplicate(63, "abc"), ".") ++ ".a",
+    ?assertEqual({4433, Host253}, macula_dist_name:split("4433@" ++ Host253)).
+
+splitname_long_labels_test() ->
+    Label63 = lists:duplicate(63, $a),
+    ?assertEqual({4433, Label63 ++ ".com"},
+                 macula_dist:splitname(list_to_atom("4433@" ++ Label63 ++ ".com"))).
+
+splitname_non_atoms_test_() ->
+    [?_assertEqual(false, macula_dist:splitname(T))
+     || T <- [4433, <<"4433@127.0.0.1">>, {4433, "127.0.0.1"}, 1.5, self(), make_ref(),
+              #{}]].
+
+select_test_() ->
+    [?_assert(macula_dist:select('4433@127.0.0.1')),
+     ?_assert(macula_dist:select('4437@::1')),
+     ?_assert(macula_dist:select('4433@localhost')),
+     ?_assertNot(macula_dist:select('foo@127.0.0.1')),
+     ?_assertNot(macula_dist:select('70000@127.0.0.1')),
+     ?_assertNot(macula_dist:select('4433@bad_host')),
+     ?_assertNot(macula_dist:select('nonode@nohost'))].
+
+is_node_name_test_() ->
+    [?_assert(macula_dist:is_node_name('4433@192.168.1.100')),
+     ?_assert(macula_dist:is_node_name('4437@::1')),
+     ?_assertNot(macula_dist:is_node_name('foo@host')),
+     ?_assertNot(macula_dist:is_node_name('a@b@c')),
+     ?_assertNot(macula_dist:is_node_name(<<"4433@127.0.0.1">>)),
+     ?_assertNot(macula_dist:is_node_name(42))].
+
+name_port_test() ->
+    ?assertEqual({ok, 4433}, macula_dist_name:port('4433')),
+    ?assertEqual({ok, 4433}, macula_dist_name:port("4433")),
+    ?assertEqual({error, {bad_port, "0"}}, macula_dist_name:port("0")),
+    ?assertEqual({error, {bad_port, "65536"}}, macula_dist_name:port("65536")),
+    ?assertEqual({error, {bad_port, "foo"}}, macula_dist_name:port(foo)),
+    ?assertEqual({error, {bad_port, ""}}, macula_dist_name:port("")).
+
+name_host_kind_test() ->
+    ?assertEqual({ok, {ip, {127, 0, 0, 1}}}, macula_dist_name:host_kind("127.0.0.1")),
+    ?assertEqual({ok, {ip, {0, 0, 0, 0, 0, 0, 0, 1}}}, macula_dist_name:host_kind("::1")),
+    ?assertEqual({ok, {ip, {0, 0, 0, 0, 0, 0, 0, 1}}}, macula_dist_name:host_kind("[::1]")),
+    ?assertEqual({ok, name}, macula_dist_name:host_kind("example.com")),
+    ?assertEqual({error, {bad_host, "bad_host"}}, macula_dist_name:host_kind("bad_host")),
+    ?assertEqual({error, {bad_host, "1.2.3"}}, macula_dist_name:host_kind("1.2.3")),
+    ?assertEqual({error, {bad_host, ""}}, macula_dist_name:host_kind("")).
+
+%%% ------------------------------------------------------------------------------------
+%%% Options (macula_dist_config)
+%%% ------------------------------------------------------------------------------------
+
+defaults_test() ->
+    ?assertEqual(#{stream_window => 8 bsl 20,
+                   send_window => 16 bsl 20,
+                   send_queue_limit => 4 bsl 20,
+                   send_batch => 1 bsl 20,
+                   max_packet => 1 bsl 30,
+                   max_udp_payload => 1452,
+                   delivery_credit => 8,
+                   max_pending_handshakes => 64,
+                   runtime_workers => 1},
+                 macula_dist_config:defaults()).
+
+parse_empty_gives_defaults_test() ->
+    ?assertEqual({ok, macula_dist_config:defaults()}, macula_dist_config:parse([])).
+
+parse_atom_keys_integer_values_test() ->
+    {ok, C} = macula_dist_config:parse([{stream_window, 65536}, {runtime_workers, 4}]),
+    ?assertEqual(65536, maps:get(stream_window, C)),
+    ?assertEqual(4, maps:get(runtime_workers, C)),
+    ?assertEqual(maps:get(send_window, macula_dist_config:defaults()), maps:get(send_window, C)).
+
+%% -macula_dist_opt Key Value gives strings for both.
+parse_string_keys_and_values_test() ->
+    {ok, C} = macula_dist_config:parse([{"stream_window", "131072"},
+                                        {"delivery_credit", "16"},
+                                        {"max_udp_payload", "1200"}]),
+    ?assertEqual(131072, maps:get(stream_window, C)),
+    ?assertEqual(16, maps:get(delivery_credit, C)),
+    ?assertEqual(1200, maps:get(max_udp_payload, C)),
+    %% Keys are atoms in the result whatever they were given as.
+    ?assertEqual(lists:sort(maps:keys(macula_dist_config:defaults())), lists:sort(maps:keys(C))).
+
+parse_atom_key_string_value_test() ->
+    ?assertMatch({ok, #{send_batch := 2048}}, macula_dist_config:parse([{send_batch, "2048"}])).
+
+parse_last_value_wins_test() ->
+    ?assertMatch({ok, #{runtime_workers := 3}},
+                 macula_dist_config:parse([{runtime_workers, 2}, {"runtime_workers", "3"}])).
+
+parse_bounds_are_inclusive_test() ->
+    ?assertMatch({ok, #{max_udp_payload := 1200}}, macula_dist_config:parse([{max_udp_payload, 1200}])),
+    ?assertMatch({ok, #{max_udp_payload := 65527}}, macula_dist_config:parse([{max_udp_payload, 65527}])),
+    ?assertMatch({ok, #{delivery_credit := 1}}, macula_dist_config:parse([{delivery_credit, 1}])),
+    ?assertMatch({ok, #{delivery_credit := 1024}}, macula_dist_config:parse([{delivery_credit, 1024}])),
+    ?assertMatch({ok, #{max_packet := 4294967295}}, macula_dist_config:parse([{max_packet, "4294967295"}])).
+
+parse_unknown_option_test() ->
+    Known = lists:sort(maps:keys(macula_dist_config:defaults())),
+    {error, {option, "no_such_option", {unknown_option, Listed}}} =
+        macula_dist_config:parse([{"no_such_option", "1"}]),
+    ?assertEqual(Known, lists:sort(Listed)),
+    %% An atom key is reported as given or as its text (the spec allows both).
+    {error, {option, Key, {unknown_option, _}}} = macula_dist_config:parse([{no_such_option, 1}]),
+    ?assert(lists:member(Key, [no_such_option, "no_such_option"])),
+    %% A key that is neither atom nor string.
+    ?assertMatch({error, {option, 42, unknown_option}}, macula_dist_config:parse([{42, 1}])),
+    %% A bad option after good ones is still found.
+    ?assertMatch({error, {option, _, {unknown_option, _}}},
+                 macula_dist_config:parse([{stream_window, 65536}, {"bogus", "1"}])).
+
+parse_out_of_range_test() ->
+    Max40 = 1 bsl 40,
+    ?assertEqual({error, {option, stream_window, {out_of_range, 1, 65536, Max40}}},
+                 macula_dist_config:parse([{stream_window, 1}])),
+    ?assertEqual({error, {option, stream_window, {out_of_range, 65535, 65536, Max40}}},
+                 macula_dist_config:parse([{"stream_window", "65535"}])),
+    ?assertEqual({error, {option, max_udp_payload, {out_of_range, 65528, 1200, 65527}}},
+                 macula_dist_config:parse([{max_udp_payload, 65528}])),
+    ?assertEqual({error, {option, runtime_workers, {out_of_range, 0, 1, 64}}},
+                 macula_dist_config:parse([{runtime_workers, "0"}])),
+    ?assertEqual({error, {option, delivery_credit, {out_of_range, -5, 1, 1024}}},
+                 macula_dist_config:parse([{"delivery_credit", "-5"}])),
+    ?assertEqual({error, {option, max_packet, {out_of_range, 1 bsl 32, 1024, (1 bsl 32) - 1}}},
+                 macula_dist_config:parse([{max_packet, 1 bsl 32}])).
+
+parse_not_an_integer_test() ->
+    ?assertEqual({error, {option, send_batch, {not_an_integer, "abc"}}},
+                 macula_dist_config:parse([{"send_batch", "abc"}])),
+    ?assertEqual({error, {option, send_batch, {not_an_integer, "1.5"}}},
+                 macula_dist_config:parse([{send_batch, "1.5"}])),
+    ?assertEqual({error, {option, send_batch, {not_an_integer, ""}}},
+                 macula_dist_config:parse([{send_batch, ""}])),
+    ?assertEqual({error, {option, send_batch, {not_an_integer, " 2048"}}},
+                 macula_dist_config:parse([{send_batch, " 2048"}])),
+    %% Terms that are not integers (from -macula_dist_optfile) are refused too.
+    ?assertMatch({error, {option, send_batch, _}}, macula_dist_config:parse([{send_batch, 2048.0}])),
+    ?assertMatch({error, {option, send_batch, _}}, macula_dist_config:parse([{send_batch, big}])),
+    ?assertMatch({error, {option, send_batch, _}}, macula_dist_config:parse([{send_batch, <<"2048">>}])).
+
+%% The EUnit node has no -macula_dist_opt / -macula_dist_optfile arguments.
+load_without_arguments_gives_defaults_test() ->
+    ?assertEqual(error, init:get_argument(macula_dist_opt)),
+    ?assertEqual(error, init:get_argument(macula_dist_optfile)),
+    ?assertEqual({ok, macula_dist_config:defaults()}, macula_dist_config:load()).
+
+nif_options_test() ->
+    Opts = macula_dist_config:nif_options(macula_dist_config:defaults()),
+    ?assertEqual(lists:sort([stream_window, send_window, send_queue_limit, max_packet,
+                             max_udp_payload, delivery_credit, max_pending_handshakes,
+                             runtime_workers, tick_time_ms, handshake_timeout_ms]),
+                 lists:sort(maps:keys(Opts))),
+    ?assertEqual(8 bsl 20, maps:get(stream_window, Opts)),
+    ?assert(is_integer(maps:get(tick_time_ms, Opts)) andalso maps:get(tick_time_ms, Opts) > 0),
+    ?assert(is_integer(maps:get(handshake_timeout_ms, Opts))
+            andalso maps:get(handshake_timeout_ms, Opts) > 0).
+
+nif_options_follow_kernel_timers_test() ->
+    Saved = [{K, application:get_env(kernel, K)} || K <- [net_ticktime, net_setuptime]],
+    try
+        ok = application:set_env(kernel, net_ticktime, 4),
+        ok = application:set_env(kernel, net_setuptime, 3),
+        Opts = macula_dist_config:nif_options(macula_dist_config:defaults()),
+        ?assertEqual(4000, maps:get(tick_time_ms, Opts)),
+        ?assertEqual(3000, maps:get(handshake_timeout_ms, Opts))
+    after
+        restore_kernel_env(Saved)
+    end.
+
+bind_ip_test() ->
+    Saved = [{inet_dist_use_interface, application:get_env(kernel, inet_dist_use_interface)}],
+    try
+        ok = application:unset_env(kernel, inet_dist_use_interface),
+        ?assertEqual({0, 0, 0, 0}, macula_dist_config:bind_ip(inet)),
+        ?assertEqual({0, 0, 0, 0, 0, 0, 0, 0}, macula_dist_config:bind_ip(inet6)),
+        ok = application:set_env(kernel, inet_dist_use_interface, {127, 0, 0, 1}),
+        ?assertEqual({127, 0, 0, 1}, macula_dist_config:bind_ip(inet))
+    after
+        restore_kernel_env(Saved)
+    end.
+
+restore_kernel_env(Saved) ->
+    [case V of
+         undefined -> application:unset_env(kernel, K);
+         {ok, Value} -> application:set_env(kernel, K, Value)
+     end || {K, V} <- Saved],
+    ok.
+
+%%% ------------------------------------------------------------------------------------
+%%% Per-connection options (macula_dist_ctrl) and the listen-handle callbacks
+%%% ------------------------------------------------------------------------------------
+
+check_opts_test() ->
+    ?assertEqual(ok, macula_dist_ctrl:check_opts([])),
+    ?assertEqual(ok, macula_dist_ctrl:check_opts([{nodelay, true}])),
+    ?assertEqual(ok, macula_dist_ctrl:check_opts([{nodelay, false}])),
+    ?assertEqual(ok, macula_dist_ctrl:check_opts([{nodelay, false}, {nodelay, true}])),
+    ?assertEqual({error, {unsupported_option, {nodelay, yes}}},
+                 macula_dist_ctrl:check_opts([{nodelay, yes}])),
+    ?assertEqual({error, {unsupported_option, {packet, 4}}},
+                 macula_dist_ctrl:check_opts([{nodelay, true}, {packet, 4}])),
+    ?assertEqual({error, {unsupported_option, nodelay}},
+                 macula_dist_ctrl:check_opts([nodelay])),
+    ?assertEqual({error, {badarg, nodelay}}, macula_dist_ctrl:check_opts(nodelay)),
+    ?assertEqual({error, {badarg, bad_tail}},
+                 macula_dist_ctrl:check_opts([{nodelay, true} | bad_tail])).
+
+get_opts_test() ->
+    ?assertEqual({ok, [{nodelay, true}]}, macula_dist_ctrl:get_opts([nodelay], #{})),
+    ?assertEqual({ok, [{nodelay, false}]}, macula_dist_ctrl:get_opts([nodelay], #{nodelay => false})),
+    ?assertEqual({ok, [{nodelay, true}]}, macula_dist_ctrl:get_opts([nodelay], #{nodelay => true})),
+    ?assertEqual({ok, []}, macula_dist_ctrl:get_opts([], #{})),
+    ?assertEqual({ok, [{nodelay, true}, {nodelay, true}]},
+                 macula_dist_ctrl:get_opts([nodelay, nodelay], #{})),
+    ?assertEqual({error, {unsupported_option, packet}},
+                 macula_dist_ctrl:get_opts([nodelay, packet], #{})),
+    ?assertError(function_clause, macula_dist_ctrl:get_opts(nodelay, #{})).
+
+listen_handle_opts_test() ->
+    ?assertEqual(ok, macula_dist:setopts(make_ref(), [{nodelay, true}])),
+    ?assertMatch({error, _}, macula_dist:setopts(make_ref(), [{packet, 4}])),
+    ?assertEqual({ok, [{nodelay, true}]}, macula_dist:getopts(make_ref(), [nodelay])).
+
+childspecs_test() ->
+    ?assertEqual({ok, []}, macula_dist:childspecs()).

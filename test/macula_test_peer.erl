@@ -1,0 +1,372 @@
+%%% @doc Separate OS-level BEAM nodes running the macula carrier, for Common Test.
+%%%
+%%% The test node itself is not distributed: every node is started with OTP 25's
+%%% `peer' over a TCP control connection (`connection => 0'), so code runs on a node
+%%% through {@link call/5} / {@link run/3} without any distribution on this side.
+%%%
+%%% A node is a map `#{peer, node, port, os_pid}'. Every started node is remembered by
+%%% a small tracker process, so {@link stop_all/0} (called from `end_per_testcase',
+%%% even after a failed or timed-out case) can stop them, and SIGKILL any that do not
+%%% exit in time.
+%%%
+%%% The second half of this module runs ON the nodes: a node event watcher
+%%% (`net_kernel:monitor_nodes(true, [nodedown_reason])') whose events carry the
+%%% node's monotonic time in milliseconds, and a few small long-lived processes.
+-module(macula_test_peer).
+
+%% Test-node side
+-export([start/2, start/3, stop/1, stop_all/0, os_pid/1, kill/1, is_os_alive/1,
+         call/4, call/5, run/2, run/3, wait_until/2, wait_until/3,
+         snapshot/1, ebin_dir/0, test_dir/0, cookie/0]).
+%% Node side (called through call/5)
+-export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
+         spawn_idle/0, idle/0]).
+
+-define(COOKIE, "macula_test").
+-define(TICKTIME, "4").
+-define(CALL_TIMEOUT, 30000).
+-define(TRACKER, macula_test_peer_tracker).
+-define(WATCH, macula_test_watch).
+
+-type tnode() :: #{peer := pid(), node := node(), port := inet:port_number(),
+                   os_pid := pos_integer()}.
+-export_type([tnode/0]).
+
+%%% ------------------------------------------------------------------------------------
+%%% Starting and stopping nodes
+%%% ------------------------------------------------------------------------------------
+
+%% @doc Starts `Port@127.0.0.1' with the macula carrier, plus `ExtraArgs'.
+-spec start(inet:port_number(), [string()]) -> tnode().
+start(Port, ExtraArgs) ->
+    start(Port, ExtraArgs, #{}).
+
+%% @doc As start/2; `Opts' may give `host' (default "127.0.0.1") and `cookie'
+%% (default "macula_test").
+-spec start(inet:port_number(), [string()], map()) -> tnode().
+start(Port, ExtraArgs, Opts) ->
+    Host = maps:get(host, Opts, "127.0.0.1"),
+    Cookie = maps:get(cookie, Opts, ?COOKIE),
+    Name = integer_to_list(Port),
+    Args = ["-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
+            "-setcookie", Cookie,
+            "-pa", ebin_dir(), "-pa", test_dir(),
+            "-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
+    PeerOpts = #{name => Name, host => Host, longnames => true, connection => 0,
+                 args => Args, wait_boot => 20000},
+    case peer:start(PeerOpts) of
+        {ok, Peer, Node} ->
+            OsPid = list_to_integer(peer:call(Peer, os, getpid, [], ?CALL_TIMEOUT)),
+            TNode = #{peer => Peer, node => Node, port => Port, os_pid => OsPid},
+            track(TNode),
+            TNode;
+        {error, Reason} ->
+            error({node_start_failed, Name ++ "@" ++ Host, Reason,
+                   {command_line, "erl -name " ++ Name ++ "@" ++ Host ++ " "
+                                  ++ lists:join(" ", Args)}})
+    end.
+
+%% @doc Stops a node (peer:stop, which closes the control connection so the node
+%% halts) and SIGKILLs it if it is still there after 5 s.
+-spec stop(tnode()) -> ok.
+stop(#{peer := Peer, os_pid := OsPid} = TNode) ->
+    catch peer:stop(Peer),
+    case wait_until(fun() -> not is_os_alive(OsPid) end, 5000) of
+        ok -> ok;
+        timeout -> kill(TNode)
+    end,
+    untrack(TNode),
+    ok.
+
+%% @doc Stops every node started since the last stop_all/0.
+-spec stop_all() -> ok.
+stop_all() ->
+    Nodes = tracked(),
+    %% peer:stop of each node in parallel: each may wait a while.
+    Self = self(),
+    Pids = [spawn(fun() -> catch stop(N), Self ! {stopped, self()} end) || N <- Nodes],
+    [receive {stopped, P} -> ok after 15000 -> ok end || P <- Pids],
+    %% Whatever survived that gets SIGKILL.
+    [kill(N) || N <- Nodes, is_os_alive(maps:get(os_pid, N))],
+    clear_tracked(),
+    ok.
+
+-spec os_pid(tnode()) -> pos_integer().
+os_pid(#{os_pid := OsPid}) ->
+    OsPid.
+
+%% @doc kill -9 of the node's OS process; returns once the process is gone.
+-spec kill(tnode()) -> ok.
+kill(#{os_pid := OsPid}) ->
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    ok = wait_until(fun() -> not is_os_alive(OsPid) end, 5000),
+    ok.
+
+%% @doc Whether an OS process exists and is not a zombie (detached nodes are not our
+%% children, so nobody here reaps them).
+-spec is_os_alive(pos_integer()) -> boolean().
+is_os_alive(OsPid) ->
+    case file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat") of
+        {ok, Stat} ->
+            %% "pid (comm) S ...": the state follows the last ')'.
+            [_, After] = string:split(Stat, ")", trailing),
+            case string:trim(After, leading) of
+                <<"Z", _/binary>> -> false;
+                <<"X", _/binary>> -> false;
+                _ -> true
+            end;
+        {error, _} ->
+            false
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% Running code on nodes
+%%% ------------------------------------------------------------------------------------
+
+-spec call(tnode(), module(), atom(), [term()]) -> term().
+call(TNode, M, F, A) ->
+    call(TNode, M, F, A, ?CALL_TIMEOUT).
+
+-spec call(tnode(), module(), atom(), [term()], timeout()) -> term().
+call(#{peer := Peer}, M, F, A, Timeout) ->
+    peer:call(Peer, M, F, A, Timeout).
+
+%% @doc Runs `Fun()' on the node (in a fresh process there) and returns its value;
+%% exceptions are re-raised here. The fun's module must be in test_dir().
+-spec run(tnode(), fun(() -> term())) -> term().
+run(TNode, Fun) ->
+    run(TNode, Fun, ?CALL_TIMEOUT).
+
+-spec run(tnode(), fun(() -> term()), timeout()) -> term().
+run(TNode, Fun, Timeout) ->
+    call(TNode, erlang, apply, [Fun, []], Timeout).
+
+%%% ------------------------------------------------------------------------------------
+%%% Waiting
+%%% ------------------------------------------------------------------------------------
+
+%% @doc Polls `Pred()' every 50 ms until it returns true: ok, or timeout.
+-spec wait_until(fun(() -> boolean()), non_neg_integer()) -> ok | timeout.
+wait_until(Pred, Timeout) ->
+    wait_until(Pred, Timeout, 50).
+
+-spec wait_until(fun(() -> boolean()), non_neg_integer(), pos_integer()) -> ok | timeout.
+wait_until(Pred, Timeout, Interval) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    wait_loop(Pred, Deadline, Interval).
+
+wait_loop(Pred, Deadline, Interval) ->
+    case catch Pred() of
+        true ->
+            ok;
+        _ ->
+            case erlang:monotonic_time(millisecond) >= Deadline of
+                true ->
+                    timeout;
+                false ->
+                    timer:sleep(Interval),
+                    wait_loop(Pred, Deadline, Interval)
+            end
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% Paths and names
+%%% ------------------------------------------------------------------------------------
+
+%% @doc Copies the build the nodes run (macula_dist's ebin/ and priv/, and the
+%% compiled test modules) under `Dir' and makes ebin_dir/0 and test_dir/0 point at the
+%% copy. The NIF library is memory-mapped by every running node: a rebuild that
+%% rewrites priv/macula_dist_nif.so in place (any `rebar3 compile' on the same
+%% checkout) makes those nodes crash, so a run must not depend on that file staying
+%% untouched. Returns the new ebin directory.
+-spec snapshot(file:filename()) -> string().
+snapshot(Dir) ->
+    Ebin = filename:dirname(code:which(macula_dist)),
+    Priv = filename:join(filename:dirname(Ebin), "priv"),
+    Test = filename:dirname(code:which(?MODULE)),
+    Root = filename:join(Dir, "macula_dist"),
+    Copy = fun(From, To, Pattern) ->
+                   ok = filelib:ensure_dir(filename:join(To, "x")),
+                   [{ok, _} = file:copy(F, filename:join(To, filename:basename(F)))
+                    || F <- filelib:wildcard(filename:join(From, Pattern))],
+                   ok
+           end,
+    ok = Copy(Ebin, filename:join(Root, "ebin"), "*"),
+    ok = Copy(Priv, filename:join(Root, "priv"), "*.so"),
+    ok = Copy(Test, filename:join(Root, "test"), "*.beam"),
+    persistent_term:put({?MODULE, dirs}, {filename:join(Root, "ebin"), filename:join(Root, "test")}),
+    filename:join(Root, "ebin").
+
+%% @doc The macula_dist ebin directory the nodes use (priv/ with the NIF is its
+%% sibling): the snapshot if snapshot/1 was called, else the loaded macula_dist's.
+-spec ebin_dir() -> string().
+ebin_dir() ->
+    case persistent_term:get({?MODULE, dirs}, undefined) of
+        {Ebin, _Test} -> Ebin;
+        undefined -> filename:dirname(code:which(macula_dist))
+    end.
+
+%% @doc The directory of the compiled test modules, put on the nodes' code path.
+-spec test_dir() -> string().
+test_dir() ->
+    case persistent_term:get({?MODULE, dirs}, undefined) of
+        {_Ebin, Test} -> Test;
+        undefined -> filename:dirname(code:which(?MODULE))
+    end.
+
+-spec cookie() -> atom().
+cookie() ->
+    list_to_atom(?COOKIE).
+
+%%% ------------------------------------------------------------------------------------
+%%% The tracker: which nodes are running
+%%% ------------------------------------------------------------------------------------
+
+track(TNode) -> tracker_call({add, TNode}).
+untrack(TNode) -> tracker_call({remove, TNode}).
+tracked() -> tracker_call(list).
+clear_tracked() -> tracker_call(clear).
+
+tracker_call(Request) ->
+    Tracker = tracker(),
+    Ref = erlang:monitor(process, Tracker),
+    Tracker ! {self(), Ref, Request},
+    receive
+        {Ref, Reply} ->
+            erlang:demonitor(Ref, [flush]),
+            Reply;
+        {'DOWN', Ref, process, _, Reason} ->
+            error({tracker_down, Reason})
+    after 5000 ->
+            error(tracker_timeout)
+    end.
+
+%% Not linked to anyone: it outlives test case processes, so end_per_testcase finds
+%% the nodes of a case that crashed or timed out.
+tracker() ->
+    case whereis(?TRACKER) of
+        undefined ->
+            Pid = spawn(fun() -> tracker_loop([]) end),
+            try register(?TRACKER, Pid) of
+                true -> Pid
+            catch
+                error:badarg ->
+                    exit(Pid, kill),
+                    tracker()
+            end;
+        Pid ->
+            Pid
+    end.
+
+tracker_loop(Nodes) ->
+    receive
+        {From, Ref, {add, N}} ->
+            From ! {Ref, ok},
+            tracker_loop([N | Nodes]);
+        {From, Ref, {remove, N}} ->
+            From ! {Ref, ok},
+            tracker_loop(Nodes -- [N]);
+        {From, Ref, list} ->
+            From ! {Ref, Nodes},
+            tracker_loop(Nodes);
+        {From, Ref, clear} ->
+            From ! {Ref, ok},
+            tracker_loop([])
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% Node side: node event watcher
+%%% ------------------------------------------------------------------------------------
+
+%% @doc Starts (or restarts) the watcher on this node: it records every nodeup and
+%% nodedown as `{Event, Node, Info, MonotonicMs}', oldest first.
+-spec watch_start() -> ok.
+watch_start() ->
+    case whereis(?WATCH) of
+        undefined -> ok;
+        Old -> exit(Old, kill), wait_unregistered(?WATCH)
+    end,
+    Parent = self(),
+    Pid = spawn(fun() ->
+                        ok = net_kernel:monitor_nodes(true, [nodedown_reason]),
+                        Parent ! {self(), watching},
+                        watch_loop([], [])
+                end),
+    receive {Pid, watching} -> ok end,
+    true = register(?WATCH, Pid),
+    ok.
+
+wait_unregistered(Name) ->
+    case whereis(Name) of
+        undefined -> ok;
+        _ -> timer:sleep(10), wait_unregistered(Name)
+    end.
+
+%% @doc Every event so far.
+-spec watch_events() -> [{nodeup | nodedown, node(), list(), integer()}].
+watch_events() ->
+    watch_call(events).
+
+%% @doc Forgets the events so far.
+-spec watch_reset() -> ok.
+watch_reset() ->
+    watch_call(reset).
+
+%% @doc The first recorded `Event' (nodeup | nodedown) for `Node', waiting up to
+%% `Timeout' ms for it: `{ok, {Event, Node, Info, Ms}}' or `timeout'.
+-spec watch_await(nodeup | nodedown, node(), timeout()) -> {ok, tuple()} | timeout.
+watch_await(Event, Node, Timeout) ->
+    Ref = make_ref(),
+    ?WATCH ! {await, self(), Ref, Event, Node},
+    receive
+        {Ref, Found} -> {ok, Found}
+    after Timeout ->
+            timeout
+    end.
+
+watch_call(Request) ->
+    Ref = make_ref(),
+    ?WATCH ! {Request, self(), Ref},
+    receive {Ref, Reply} -> Reply after 5000 -> error(watcher_timeout) end.
+
+watch_loop(Events, Waiters) ->
+    receive
+        {Event, Node, Info} when Event =:= nodeup; Event =:= nodedown ->
+            E = {Event, Node, Info, now_ms()},
+            Events1 = Events ++ [E],
+            watch_loop(Events1, notify(Events1, Waiters));
+        {await, From, Ref, Event, Node} ->
+            watch_loop(Events, notify(Events, [{From, Ref, Event, Node} | Waiters]));
+        {events, From, Ref} ->
+            From ! {Ref, Events},
+            watch_loop(Events, Waiters);
+        {reset, From, Ref} ->
+            From ! {Ref, ok},
+            watch_loop([], Waiters)
+    end.
+
+notify(Events, Waiters) ->
+    lists:filter(
+      fun({From, Ref, Event, Node}) ->
+              case [E || {Ev, N, _, _} = E <- Events, Ev =:= Event, N =:= Node] of
+                  [First | _] -> From ! {Ref, First}, false;
+                  [] -> true
+              end
+      end, Waiters).
+
+%% @doc This node's monotonic clock in milliseconds.
+-spec now_ms() -> integer().
+now_ms() ->
+    erlang:monotonic_time(millisecond).
+
+%% @doc A process on this node that lives until killed (or told `stop').
+-spec spawn_idle() -> pid().
+spawn_idle() ->
+    spawn(?MODULE, idle, []).
+
+-spec idle() -> no_return() | ok.
+idle() ->
+    receive
+        stop -> ok;
+        {exit, Reason} -> exit(Reason)
+    end.
