@@ -75,12 +75,20 @@ outcome(_Conn, _Peer, ok) ->
     ok;
 outcome(_Conn, _Peer, {ok, _} = Ok) ->
     Ok;
-outcome(_Conn, _Peer, {error, closed} = Error) ->
-    Error;
 outcome(Conn, Peer, {error, Why} = Error) ->
+    case is_close_reason(Why) of
+        true -> Error;  % the connection is gone; whoever closed it has said why
+        false -> refuse(Conn, Peer, Why), Error
+    end.
+
+refuse(Conn, Peer, Why) ->
     ?LOG_WARNING("macula_dist: refused ~ts: ~tp", [describe(Peer), Why]),
-    macula_dist_nif:refuse(Conn, unicode:characters_to_binary(io_lib:format("~tp", [Why]))),
-    Error.
+    macula_dist_nif:refuse(Conn, unicode:characters_to_binary(io_lib:format("~tp", [Why]))).
+
+is_close_reason(Why) when is_atom(Why) -> lists:member(Why, [closed, connection_closed, net_tick_timeout]);
+is_close_reason({Tag, _}) -> lists:member(Tag, [protocol_violation, not_authenticated, transport_error]);
+is_close_reason({peer_closed, _, _}) -> true;
+is_close_reason(_) -> false.
 
 describe({node, Node}) ->
     io_lib:format("connection to ~ts", [Node]);
@@ -97,7 +105,11 @@ check({error, _} = Error) -> Error.
 
 recv(Conn) ->
     case macula_dist_nif:recv_handshake(Conn) of
-        ok -> receive {macula_handshake, Message} -> {ok, Message} end;
+        ok ->
+            receive
+                {macula_handshake, Message} -> {ok, Message};
+                {macula_closed, Reason} -> {error, Reason}
+            end;
         {error, _} = Error -> Error
     end.
 

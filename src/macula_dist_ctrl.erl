@@ -42,6 +42,7 @@
 -define(DEATH_ROW_TIMEOUT, 5000).
 
 -record(ctrl, {conn :: macula_dist_nif:conn(),
+               owner :: pid(),
                dhandle :: reference() | undefined,
                batch_limit :: pos_integer(),
                busy = false :: boolean(),
@@ -78,7 +79,7 @@ init(Conn, Owner0) ->
                 _ -> Owner0
             end,
     link(Owner),
-    handshaking(#ctrl{conn = Conn, batch_limit = batch_limit()}).
+    handshaking(#ctrl{conn = Conn, owner = Owner, batch_limit = batch_limit()}).
 
 await_owner() ->
     receive
@@ -120,7 +121,8 @@ recv_handshake(Conn) ->
     case macula_dist_nif:recv_handshake(Conn) of
         ok ->
             receive
-                {macula_handshake, Message} -> {ok, binary_to_list(Message)}
+                {macula_handshake, Message} -> {ok, binary_to_list(Message)};
+                {macula_closed, Reason} -> {error, Reason}
             end;
         {error, _} = Error ->
             Error
@@ -178,6 +180,12 @@ handshaking(S) ->
         {macula_closed, {peer_closed, ?NOT_AUTHENTICATED, _} = Reason} ->
             ?LOG_WARNING("macula_dist: the peer refused this node's cookie proof (different cookie?)"),
             exit(Reason);
+        {macula_closed, Reason} ->
+            %% The owner decides: in f_recv it fails the handshake, but after a `nok'
+            %% status dist_util waits to be killed by net_kernel (simultaneous connect),
+            %% and dying now would turn the winning connection into a failed connect.
+            S#ctrl.owner ! {macula_closed, Reason},
+            handshaking(S);
         Other ->
             handshaking(handle_common(Other, S))
     end.

@@ -28,13 +28,13 @@ impl Resource for ConnResource {
     const IMPLEMENTS_DOWN: bool = true;
 
     fn down<'a>(&'a self, _env: Env<'a>, _pid: LocalPid, _monitor: Monitor) {
-        self.conn.close();
+        self.conn.close_gracefully();
     }
 }
 
 impl Drop for ConnResource {
     fn drop(&mut self) {
-        self.conn.close();
+        self.conn.close_gracefully();
     }
 }
 

@@ -130,13 +130,18 @@ struct SendQueue {
     wake: Notify,
 }
 
-/// Control-stream output: handshake frames, then ticks.
+/// Control-stream output: handshake frames, then ticks; finally, on a graceful close,
+/// the end of the stream.
 #[derive(Default)]
 struct ControlOut {
     frames: Mutex<VecDeque<Vec<u8>>>,
     tick: AtomicBool,
+    closing: AtomicBool,
     wake: Notify,
 }
+
+/// How long a graceful close waits for the peer to acknowledge the control stream.
+const GRACEFUL_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A distribution connection; shared by the NIF resource and the driver tasks.
 pub struct Connection<E: Events> {
@@ -289,7 +294,15 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    /// Closes the connection normally (idempotent).
+    /// Closes the connection once the peer has received every queued control frame
+    /// (a last handshake status such as `nok` must not be lost), or after a short
+    /// timeout. Used when the owning process ends.
+    pub fn close_gracefully(&self) {
+        self.control_out.closing.store(true, Ordering::Release);
+        self.control_out.wake.notify_one();
+    }
+
+    /// Closes the connection normally, at once (idempotent).
     pub fn close(&self) {
         self.close_with(CloseReason::Local, close_code::SHUTDOWN, b"shutdown");
     }
@@ -364,6 +377,12 @@ impl<E: Events> Connection<E> {
                 }
                 self.sent.fetch_add(1, Ordering::Relaxed);
             }
+            if self.control_out.closing.load(Ordering::Acquire) {
+                if stream.finish().is_ok() {
+                    let _ = tokio::time::timeout(GRACEFUL_CLOSE_TIMEOUT, stream.stopped()).await;
+                }
+                return self.close();
+            }
         }
     }
 
@@ -373,8 +392,8 @@ impl<E: Events> Connection<E> {
         loop {
             let chunk = match stream.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => chunk.bytes,
-                Ok(None) => return self.violation("control stream finished by peer".into()),
-                Err(_) => return,
+                // Ok(None): the peer is closing gracefully; its CONNECTION_CLOSE follows.
+                Ok(None) | Err(_) => return,
             };
             self.received.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = decoder.feed(&chunk, |f| frames.push(f)) {
