@@ -17,7 +17,7 @@
 %% Optional callbacks and tools
 -export([is_node_name/1, splitname/1, setopts/2, getopts/2]).
 %% Operations on a running node
--export([connection_info/1, rebind/2]).
+-export([connection_info/1, rebind/2, option/1]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("kernel/include/dist.hrl").
@@ -81,18 +81,13 @@ unwrap(ok) -> ok;
 unwrap({ok, Value}) -> Value;
 unwrap({error, Reason}) -> throw({?MODULE, Reason}).
 
+%% A host name is not resolved here: the native resolver is not running yet when
+%% distribution starts at boot, and a lookup would hang. The endpoint then listens on
+%% every IPv4 address (or on inet_dist_use_interface).
 resolve(Host) ->
     case macula_dist_name:host_kind(Host) of
         {ok, {ip, Ip}} -> {ok, {Ip, family(Ip)}};
-        {ok, name} ->
-            case inet:getaddr(Host, inet) of
-                {ok, Ip} -> {ok, {Ip, inet}};
-                {error, _} ->
-                    case inet:getaddr(Host, inet6) of
-                        {ok, Ip} -> {ok, {Ip, inet6}};
-                        {error, Why} -> {error, {cannot_resolve, Host, Why}}
-                    end
-            end;
+        {ok, name} -> {ok, {macula_dist_config:bind_ip(inet), inet}};
         {error, _} = Error -> Error
     end.
 
@@ -147,11 +142,13 @@ do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
     receive
         {AcceptPid, controller, Conn, PeerAddr} ->
             Timer = dist_util:start_timer(SetupTime),
-            case macula_dist_auth:respond(Conn, PeerAddr) of
-                {ok, _Name} -> ok;
-                {error, _} -> ?shutdown(no_node)
-            end,
-            HSData = (macula_dist_ctrl:hs_data(Ctrl, Conn))#hs_data{
+            Name = case macula_dist_auth:respond(Conn, PeerAddr) of
+                       {ok, AuthName} -> AuthName;
+                       {error, _} -> ?shutdown(no_node)
+                   end,
+            HSData0 = macula_dist_ctrl:hs_data(Ctrl, Conn),
+            HSData = HSData0#hs_data{
+                       f_recv = same_name(HSData0#hs_data.f_recv, Name, PeerAddr),
                        kernel_pid = Kernel,
                        this_node = MyNode,
                        timer = Timer,
@@ -159,6 +156,30 @@ do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
             dist_util:handshake_other_started(HSData)
     after SetupTime ->
             ?shutdown(no_node)
+    end.
+
+%% The peer must give dist_util the node name it authenticated as (cookie proof and,
+%% with verify_name, certificate): its first handshake message ('N', send_name) is
+%% checked against that name before dist_util sees it.
+same_name(Recv, Name, PeerAddr) ->
+    fun(Socket, Length, Timeout) ->
+            case Recv(Socket, Length, Timeout) of
+                {ok, [$N, _, _, _, _, _, _, _, _, _, _, _, _, L1, L0 | Rest]} = Ok ->
+                    NameLen = L1 * 256 + L0,
+                    case NameLen =< length(Rest)
+                        andalso list_to_binary(lists:sublist(Rest, NameLen)) =:= Name of
+                        true ->
+                            Ok;
+                        false ->
+                            {Ip, Port} = PeerAddr,
+                            ?LOG_WARNING("macula_dist: refused connection from ~ts:~b: "
+                                         "authenticated as ~ts, handshake names another node",
+                                         [inet:ntoa(Ip), Port, Name]),
+                            {error, {node_name_differs_from_authenticated, Name}}
+                    end;
+                Other ->
+                    Other
+            end
     end.
 
 %% Returns at once; the spawned owner connects, then runs the handshake.
@@ -265,6 +286,12 @@ connection_info(Node) ->
         {Node, Ctrl} when is_pid(Ctrl) -> macula_dist_ctrl:info(Ctrl);
         _ -> {error, not_connected}
     end.
+
+%% @doc The value of option `Key' (see macula_dist_config) of the running endpoint.
+-spec option(atom()) -> term().
+option(Key) ->
+    {_Endpoint, _Family, Config} = persistent_term:get(?ENDPOINT),
+    maps:get(Key, Config).
 
 %% @doc Moves this node's UDP socket to `{Ip, Port}' (port 0: any free port). Every
 %% connection migrates with it: peers follow the new address (QUIC connection

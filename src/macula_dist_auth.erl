@@ -10,6 +10,13 @@
 %%% the role and the initiator's node name. The acceptor checks first and answers only
 %%% a peer that proved the cookie, so strangers learn nothing to guess cookies with.
 %%% Per-node cookies (`erlang:set_cookie(Node, Cookie)') are used where set.
+%%%
+%%% In PKI mode the same exchange runs (TLS has verified both certificates against the
+%%% CA by then), and with the `verify_name' option each side also checks that the
+%%% peer's certificate covers the host part of the peer's node name: the initiator for
+%%% the node it connects to, before it proves anything; the acceptor for the name in the
+%%% "A" message, before it checks the proof. (macula_dist then holds the dist_util
+%%% handshake to that same name.)
 -module(macula_dist_auth).
 
 -export([initiate/3, respond/2]).
@@ -24,6 +31,7 @@ initiate(Conn, MyNode, Node) ->
     Cookie = cookie(Node),
     Name = atom_to_binary(MyNode, utf8),
     Exchange = fun() ->
+                       ok = unwrap(check_certificate_name(Conn, Node)),
                        Proof = unwrap(macula_dist_nif:auth_proof(Conn, Cookie, initiator, Name)),
                        ok = unwrap(macula_dist_nif:send_handshake(Conn, [$A, <<(byte_size(Name)):16>>, Name, Proof])),
                        case unwrap(recv(Conn)) of
@@ -55,7 +63,11 @@ respond(Conn, Name, Proof) ->
             {error, {bad_node_name, Name}};
         _ ->
             Cookie = cookie_for_name(Name),
-            case check(macula_dist_nif:auth_verify(Conn, Cookie, initiator, Name, Proof)) of
+            Checked = case check_certificate_name(Conn, Name) of
+                          ok -> check(macula_dist_nif:auth_verify(Conn, Cookie, initiator, Name, Proof));
+                          {error, _} = NameError -> NameError
+                      end,
+            case Checked of
                 ok ->
                     Answer = unwrap(macula_dist_nif:auth_proof(Conn, Cookie, acceptor, Name)),
                     ok = unwrap(macula_dist_nif:send_handshake(Conn, [$a, Answer])),
@@ -64,6 +76,27 @@ respond(Conn, Name, Proof) ->
                     {error, {Why, Name}}
             end
     end.
+
+%% With `verify_name' (PKI mode), the peer's verified certificate must cover the host
+%% part of `Node': an IP SAN for an IP address, a DNS SAN for a host name.
+check_certificate_name(Conn, Node) ->
+    case macula_dist:option(verify_name) of
+        false ->
+            ok;
+        true ->
+            Host = node_host(Node),
+            case macula_dist_nif:peer_cert_covers(Conn, unicode:characters_to_binary(Host)) of
+                true -> ok;
+                false -> {error, {certificate_does_not_cover_host, Host}};
+                {error, Why} -> {error, {certificate_name_check, Why}}
+            end
+    end.
+
+node_host(Node) when is_atom(Node) -> node_host(atom_to_list(Node));
+node_host(Node) when is_binary(Node) -> node_host(unicode:characters_to_list(Node));
+node_host(Node) ->
+    {_Port, Host} = macula_dist_name:split(Node),
+    Host.
 
 run(Exchange) ->
     try Exchange()

@@ -9,9 +9,16 @@
 %%% plus the kernel parameters `net_ticktime', `net_setuptime' and
 %%% `inet_dist_use_interface'. A bad option stops the node at boot with a message
 %%% naming the option and the reason; nothing falls back to a default silently.
+%%%
+%%% PKI mode (mutual TLS) is on when `certfile', `keyfile' and `cacertfile' are
+%%% given; giving only some of them is an error. Here the files are only checked to be
+%%% readable (with prim_file: there is no file server yet); the NIF parses them when the
+%%% endpoint opens and fails the boot with `{tls, Message}' naming option and file.
+%%% `verify_name' (PKI mode only) makes each side check that the peer's certificate
+%%% covers the host part of its node name (see macula_dist_auth).
 -module(macula_dist_config).
 
--export([load/0, parse/1, defaults/0, nif_options/1, bind_ip/1]).
+-export([load/0, parse/1, defaults/0, nif_options/1, bind_ip/1, pki_mode/1]).
 
 -export_type([config/0]).
 
@@ -27,7 +34,14 @@
          {max_udp_payload, 1452, {integer, 1200, 65527}},
          {delivery_credit, 8, {integer, 1, 1024}},
          {max_pending_handshakes, 64, {integer, 1, 100000}},
-         {runtime_workers, 1, {integer, 1, 64}}]).
+         {runtime_workers, 1, {integer, 1, 64}},
+         %% PKI mode: PEM files, all three or none.
+         {certfile, undefined, file},
+         {keyfile, undefined, file},
+         {cacertfile, undefined, file},
+         {verify_name, false, boolean}]).
+
+-define(PKI_FILES, [certfile, keyfile, cacertfile]).
 
 %% @doc The defaults of every option.
 -spec defaults() -> config().
@@ -49,7 +63,7 @@ load() ->
 -spec parse([{atom() | string(), term()}]) -> {ok, config()} | {error, {option, atom() | string(), term()}}.
 parse(Pairs) ->
     try
-        {ok, lists:foldl(fun parse_pair/2, defaults(), Pairs)}
+        {ok, check_mode(lists:foldl(fun parse_pair/2, defaults(), Pairs))}
     catch
         throw:{bad_option, Error} -> {error, Error}
     end.
@@ -80,7 +94,53 @@ check(Key, {integer, Min, Max}, Value) when is_list(Value) ->
 check(_Key, {integer, Min, Max}, Value) when is_integer(Value), Value >= Min, Value =< Max ->
     Value;
 check(Key, {integer, Min, Max}, Value) ->
-    bad(Key, {out_of_range, Value, Min, Max}).
+    bad(Key, {out_of_range, Value, Min, Max});
+check(Key, boolean, Value) ->
+    case Value of
+        _ when is_boolean(Value) -> Value;
+        "true" -> true;
+        "false" -> false;
+        _ -> bad(Key, {not_a_boolean, Value})
+    end;
+check(Key, file, Value) ->
+    Path = case Value of
+               _ when is_binary(Value) -> unicode:characters_to_list(Value);
+               _ when is_atom(Value) -> atom_to_list(Value);
+               _ -> Value
+           end,
+    case io_lib:printable_unicode_list(Path) of
+        true when Path =/= "" -> check_readable(Key, Path);
+        _ -> bad(Key, {not_a_file_name, Value})
+    end.
+
+%% Reads the file once, so a missing, unreadable or directory path is reported here
+%% with the option's name; its contents are checked by the NIF.
+check_readable(Key, Path) ->
+    case prim_file:read_file(Path) of
+        {ok, _} -> Path;
+        {error, Why} -> bad(Key, {Path, file:format_error(Why)})
+    end.
+
+%% All three PKI files or none; verify_name only means something in PKI mode.
+check_mode(Config) ->
+    Given = [Key || Key <- ?PKI_FILES, maps:get(Key, Config) =/= undefined],
+    case Given of
+        [] ->
+            case maps:get(verify_name, Config) of
+                true -> bad(verify_name, {needs_pki_mode, ?PKI_FILES});
+                false -> Config
+            end;
+        ?PKI_FILES ->
+            Config;
+        _ ->
+            [Missing | _] = ?PKI_FILES -- Given,
+            bad(Missing, {missing_for_pki_mode, {given, Given}, {needed, ?PKI_FILES}})
+    end.
+
+%% @doc True when the configuration asks for PKI mode (mutual TLS).
+-spec pki_mode(config()) -> boolean().
+pki_mode(Config) ->
+    maps:get(certfile, Config, undefined) =/= undefined.
 
 -spec bad(term(), term()) -> no_return().
 bad(Key, Why) ->
@@ -131,13 +191,20 @@ parse_forms(Path, Tokens) ->
             bad(macula_dist_optfile, {Path, missing_final_dot})
     end.
 
-%% @doc The map the NIF's listen/3 takes: the options plus the kernel timers.
+%% @doc The map the NIF's listen/3 takes: the options plus the kernel timers. Every key
+%% is present; PKI file names are binaries, empty in zero-configuration mode.
 -spec nif_options(config()) -> map().
 nif_options(Config) ->
     Keys = [stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
             delivery_credit, max_pending_handshakes, runtime_workers],
-    (maps:with(Keys, Config))#{tick_time_ms => kernel_seconds(net_ticktime, 60) * 1000,
-                               handshake_timeout_ms => kernel_seconds(net_setuptime, 7) * 1000}.
+    Files = maps:from_list([{Key, path_binary(maps:get(Key, Config, undefined))}
+                            || Key <- ?PKI_FILES]),
+    maps:merge(maps:with(Keys, Config),
+               Files#{tick_time_ms => kernel_seconds(net_ticktime, 60) * 1000,
+                      handshake_timeout_ms => kernel_seconds(net_setuptime, 7) * 1000}).
+
+path_binary(undefined) -> <<>>;
+path_binary(Path) -> unicode:characters_to_binary(Path).
 
 kernel_seconds(Key, Default) ->
     case application:get_env(kernel, Key) of

@@ -24,12 +24,14 @@ split(Node) when is_list(Node) ->
 split(_) ->
     false.
 
-%% @doc The UDP port a node name's name part stands for.
+%% @doc The UDP port a node name's name part stands for. Leading zeros are refused so
+%% that one port has exactly one node name.
 -spec port(string() | atom()) -> {ok, inet:port_number()} | {error, {bad_port, string()}}.
 port(Name) when is_atom(Name) ->
     port(atom_to_list(Name));
 port(Name) ->
-    case length(Name) =< 5 andalso Name =/= "" andalso lists:all(fun is_digit/1, Name) of
+    case length(Name) =< 5 andalso Name =/= "" andalso hd(Name) =/= $0
+        andalso lists:all(fun is_digit/1, Name) of
         true ->
             case list_to_integer(Name) of
                 Port when Port >= 1, Port =< 65535 -> {ok, Port};

@@ -18,7 +18,7 @@
 -export([load/0]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
 -export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
-         refuse/2, activate/2, ack_data/1, send_data/2, tick/1, stats/1, close/1, info/1]).
+         peer_cert_covers/2, refuse/2, activate/2, ack_data/1, send_data/2, tick/1, stats/1, close/1, info/1]).
 
 -export_type([endpoint/0, conn/0, close_reason/0]).
 
@@ -99,6 +99,12 @@ auth_proof(_Conn, _Cookie, _Role, _NodeName) -> ?NOT_LOADED.
 -spec auth_verify(conn(), Cookie :: binary(), initiator | acceptor, NodeName :: binary(), Proof :: binary()) ->
           boolean() | {error, closed}.
 auth_verify(_Conn, _Cookie, _Role, _NodeName, _Proof) -> ?NOT_LOADED.
+
+%% Whether the certificate the peer presented covers `Host' (IP SAN for an IP address,
+%% DNS SAN for a host name); in PKI mode it is already verified against the CA.
+-spec peer_cert_covers(conn(), Host :: binary()) ->
+          boolean() | {error, no_peer_certificate | {tls, binary()}}.
+peer_cert_covers(_Conn, _Host) -> ?NOT_LOADED.
 
 %% Closes a connection whose peer failed to authenticate; it sees close code 2.
 -spec refuse(conn(), binary()) -> ok.

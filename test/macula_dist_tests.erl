@@ -36,7 +36,7 @@ splitname_host_names_test() ->
 splitname_bad_name_part_test_() ->
     [?_assertEqual(false, macula_dist:splitname(N))
      || N <- ['foo@host', '0@h', '65536@h', '99999@h', '123456@h', '-1@h', '@h',
-              '44 33@h', '4433x@h', '0x10@h', '+80@h']].
+              '44 33@h', '4433x@h', '0x10@h', '+80@h', '080@h', '04433@127.0.0.1']].
 
 splitname_bad_shape_test_() ->
     [?_assertEqual(false, macula_dist:splitname(N))
@@ -115,7 +115,11 @@ defaults_test() ->
                    max_udp_payload => 1452,
                    delivery_credit => 8,
                    max_pending_handshakes => 64,
-                   runtime_workers => 1},
+                   runtime_workers => 1,
+                   certfile => undefined,
+                   keyfile => undefined,
+                   cacertfile => undefined,
+                   verify_name => false},
                  macula_dist_config:defaults()).
 
 parse_empty_gives_defaults_test() ->
@@ -205,9 +209,13 @@ nif_options_test() ->
     Opts = macula_dist_config:nif_options(macula_dist_config:defaults()),
     ?assertEqual(lists:sort([stream_window, send_window, send_queue_limit, max_packet,
                              max_udp_payload, delivery_credit, max_pending_handshakes,
-                             runtime_workers, tick_time_ms, handshake_timeout_ms]),
+                             runtime_workers, tick_time_ms, handshake_timeout_ms,
+                             certfile, keyfile, cacertfile]),
                  lists:sort(maps:keys(Opts))),
     ?assertEqual(8 bsl 20, maps:get(stream_window, Opts)),
+    %% Zero-configuration mode: the PKI files are present, empty.
+    ?assertEqual({<<>>, <<>>, <<>>}, {maps:get(certfile, Opts), maps:get(keyfile, Opts),
+                                      maps:get(cacertfile, Opts)}),
     ?assert(is_integer(maps:get(tick_time_ms, Opts)) andalso maps:get(tick_time_ms, Opts) > 0),
     ?assert(is_integer(maps:get(handshake_timeout_ms, Opts))
             andalso maps:get(handshake_timeout_ms, Opts) > 0).
@@ -223,6 +231,60 @@ nif_options_follow_kernel_timers_test() ->
     after
         restore_kernel_env(Saved)
     end.
+
+%%% PKI options: the files only have to be readable here (the NIF parses them).
+
+pki_test_file(Name) ->
+    Dir = filename:join(["/tmp", "macula_dist_tests_" ++ os:getpid()]),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    Path = filename:join(Dir, Name),
+    ok = file:write_file(Path, <<"-----BEGIN CERTIFICATE-----\n">>),
+    Path.
+
+pki_options_all_three_test() ->
+    [C, K, A] = [pki_test_file(F) || F <- ["c.pem", "k.pem", "a.pem"]],
+    {ok, Config} = macula_dist_config:parse([{"certfile", C}, {keyfile, list_to_binary(K)},
+                                             {cacertfile, A}, {"verify_name", "true"}]),
+    ?assertMatch(#{certfile := C, keyfile := K, cacertfile := A, verify_name := true}, Config),
+    ?assert(macula_dist_config:pki_mode(Config)),
+    ?assertNot(macula_dist_config:pki_mode(macula_dist_config:defaults())),
+    Opts = macula_dist_config:nif_options(Config),
+    ?assertEqual(list_to_binary(C), maps:get(certfile, Opts)),
+    ?assertEqual(list_to_binary(K), maps:get(keyfile, Opts)),
+    ?assertEqual(list_to_binary(A), maps:get(cacertfile, Opts)),
+    ?assertMatch({ok, #{verify_name := false}},
+                 macula_dist_config:parse([{certfile, C}, {keyfile, K}, {cacertfile, A},
+                                           {verify_name, false}])).
+
+pki_options_only_some_test() ->
+    C = pki_test_file("c.pem"),
+    ?assertMatch({error, {option, keyfile, {missing_for_pki_mode, {given, [certfile]}, _}}},
+                 macula_dist_config:parse([{certfile, C}])),
+    ?assertMatch({error, {option, certfile, {missing_for_pki_mode, {given, [keyfile, cacertfile]}, _}}},
+                 macula_dist_config:parse([{keyfile, C}, {cacertfile, C}])),
+    ?assertMatch({error, {option, cacertfile, {missing_for_pki_mode, _, _}}},
+                 macula_dist_config:parse([{certfile, C}, {keyfile, C}])).
+
+pki_options_bad_files_test() ->
+    Missing = "/nonexistent/macula/cert.pem",
+    ?assertEqual({error, {option, certfile, {Missing, "no such file or directory"}}},
+                 macula_dist_config:parse([{"certfile", Missing}])),
+    ?assertMatch({error, {option, cacertfile, {"/tmp", _}}},
+                 macula_dist_config:parse([{cacertfile, "/tmp"}])),
+    ?assertMatch({error, {option, keyfile, {not_a_file_name, ""}}},
+                 macula_dist_config:parse([{keyfile, ""}])),
+    ?assertMatch({error, {option, keyfile, {not_a_file_name, 42}}},
+                 macula_dist_config:parse([{keyfile, 42}])).
+
+verify_name_option_test() ->
+    ?assertEqual({error, {option, verify_name, {not_a_boolean, "yes"}}},
+                 macula_dist_config:parse([{"verify_name", "yes"}])),
+    ?assertEqual({error, {option, verify_name, {not_a_boolean, 1}}},
+                 macula_dist_config:parse([{verify_name, 1}])),
+    %% Without the PKI files there is no certificate to check a name against.
+    ?assertEqual({error, {option, verify_name, {needs_pki_mode, [certfile, keyfile, cacertfile]}}},
+                 macula_dist_config:parse([{verify_name, "true"}])),
+    ?assertMatch({ok, #{verify_name := false}}, macula_dist_config:parse([{verify_name, "false"}])).
 
 bind_ip_test() ->
     Saved = [{inet_dist_use_interface, application:get_env(kernel, inet_dist_use_interface)}],

@@ -29,6 +29,7 @@ rustler::atoms! {
     tls,
     resolve,
     connect,
+    no_peer_certificate,
     // Info keys.
     peer,
     local,

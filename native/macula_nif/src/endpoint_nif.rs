@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use macula_quic::node_name::{Host, NodeAddress};
+use macula_quic::tls::{self, PeerNameError};
 use macula_quic::{BindError, Connection, Endpoint};
 use rustler::{Encoder, Env, LocalPid, NifResult, Resource, ResourceArc, Term};
 
@@ -154,4 +155,18 @@ fn rebind<'a>(env: Env<'a>, endpoint: ResourceArc<EndpointResource>, ip: Term<'a
         Ok(()) => atoms::ok().encode(env),
         Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
     })
+}
+
+/// Whether the certificate the peer of `conn` presented in the TLS handshake covers
+/// `host` (an IP SAN for an IP literal, a DNS SAN for a host name): `true | false |
+/// {error, no_peer_certificate} | {error, {tls, Message}}`. In PKI mode that certificate
+/// has been verified against the CA already; this binds it to the peer's node name
+/// (the `verify_name` option, checked by `macula_dist_auth`).
+#[rustler::nif]
+fn peer_cert_covers<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>, host: String) -> Term<'a> {
+    match tls::peer_covers_host(conn.conn.quic(), &host) {
+        Ok(covered) => covered.encode(env),
+        Err(PeerNameError::NoCertificate) => (atoms::error(), atoms::no_peer_certificate()).encode(env),
+        Err(e) => terms::error(env, atoms::tls(), &e.to_string()),
+    }
 }

@@ -1,8 +1,10 @@
 //! Conversions between Erlang terms and the Rust types of `macula_quic`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use macula_quic::tls::PkiFiles;
 use macula_quic::{CloseReason, Settings};
 use rustler::{Binary, Encoder, Env, Error, NifMap, NifResult, Term};
 
@@ -83,6 +85,11 @@ pub struct EndpointOptions {
     pub delivery_credit: usize,
     pub max_pending_handshakes: usize,
     pub runtime_workers: usize,
+    /// PKI files as binaries; all three empty in zero-configuration mode (the Erlang
+    /// side has checked that either all or none are given).
+    pub certfile: String,
+    pub keyfile: String,
+    pub cacertfile: String,
 }
 
 impl EndpointOptions {
@@ -97,6 +104,18 @@ impl EndpointOptions {
             max_udp_payload: self.max_udp_payload,
             delivery_credit: self.delivery_credit,
             max_pending_handshakes: self.max_pending_handshakes,
+            pki: self.pki(),
         }
+    }
+
+    fn pki(&self) -> Option<PkiFiles> {
+        if self.certfile.is_empty() && self.keyfile.is_empty() && self.cacertfile.is_empty() {
+            return None;
+        }
+        Some(PkiFiles {
+            certfile: PathBuf::from(&self.certfile),
+            keyfile: PathBuf::from(&self.keyfile),
+            cacertfile: PathBuf::from(&self.cacertfile),
+        })
     }
 }

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use crate::connection::close_code;
 
 use crate::settings::Settings;
-use crate::tls::{self, Identity, TlsError};
+use crate::tls::{self, TlsError};
 
 /// Why an endpoint could not be opened.
 #[derive(Debug, Error)]
@@ -119,14 +119,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Binds `addr` with a fresh ephemeral identity. Must run inside the tokio runtime.
+    /// Binds `addr`: with the certificates of `settings.pki` (PKI mode), else with a fresh
+    /// ephemeral identity (zero-configuration mode). The TLS configuration is built
+    /// before the socket is bound, so a bad certificate file fails with
+    /// [`BindError::Tls`]. Must run inside the tokio runtime.
     pub fn bind(addr: SocketAddr, settings: Settings) -> Result<Endpoint, BindError> {
-        let identity = Identity::ephemeral()?;
+        let (server_crypto, client_crypto) = tls::configure(settings.pki.as_ref())?;
         let socket = bind_socket(addr).map_err(|source| BindError::Socket { addr, source })?;
         let transport = settings.transport();
-        let mut server = ServerConfig::with_crypto(Arc::new(tls::server_crypto(&identity)?));
+        let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
-        let mut client = ClientConfig::new(Arc::new(tls::client_crypto()?));
+        let mut client = ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
         let mut config = EndpointConfig::default();
         config.max_udp_payload_size(settings.max_udp_payload.max(1200)).ok();
@@ -240,4 +243,117 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     let _ = socket.set_send_buffer_size(4 << 20);
     socket.bind(&addr.into())?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use super::*;
+    use crate::tls::test_pki::{ca, files, node};
+    use crate::tls::PkiFiles;
+
+    fn bind(pki: Option<PkiFiles>) -> Endpoint {
+        let settings = Settings { pki, handshake_timeout: std::time::Duration::from_secs(5), ..Settings::default() };
+        Endpoint::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), settings).unwrap()
+    }
+
+    /// Connects `client` to `server`: (the client's view, the server's view) of the handshake.
+    async fn handshake(client: &Endpoint, server: &Endpoint) -> (Result<(), String>, Result<(), String>) {
+        let addr = server.local_addr().unwrap();
+        let server_side = async {
+            let incoming = server.quic.accept().await.ok_or("endpoint closed")?;
+            let conn = incoming.await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(conn)
+        };
+        let client_side = async {
+            let conn = client.quic.connect(addr, tls::SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(conn)
+        };
+        let (c, s) = tokio::join!(client_side, server_side);
+        // A client whose own certificate is refused learns it only when the server
+        // closes the connection right after the handshake.
+        let c = match c {
+            Ok(conn) => match tokio::time::timeout(std::time::Duration::from_millis(300), conn.closed()).await {
+                Ok(reason) => Err(reason.to_string()),
+                Err(_) => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        (c, s.map(|_| ()))
+    }
+
+    #[tokio::test]
+    async fn pki_endpoints_with_certificates_from_the_same_ca_connect() {
+        let ca = ca("CA one");
+        let a = bind(Some(files(&node(&ca, &["127.0.0.1"], false), &ca)));
+        let b = bind(Some(files(&node(&ca, &["10.9.9.9"], false), &ca)));
+        let (c, s) = handshake(&a, &b).await;
+        assert_eq!((c, s), (Ok(()), Ok(())));
+        // Each side sees the other's verified certificate.
+        let addr = a.local_addr().unwrap();
+        let (client, server) = tokio::join!(
+            async { b.quic.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap() },
+            async { a.quic.accept().await.unwrap().await.unwrap() }
+        );
+        assert_eq!(tls::peer_covers_host(&client, "127.0.0.1"), Ok(true));
+        assert_eq!(tls::peer_covers_host(&server, "10.9.9.9"), Ok(true));
+        assert_eq!(tls::peer_covers_host(&server, "127.0.0.1"), Ok(false));
+    }
+
+    #[tokio::test]
+    async fn pki_server_refuses_client_from_another_ca() {
+        let ours = ca("CA one");
+        let theirs = ca("CA two");
+        let server = bind(Some(files(&node(&ours, &["127.0.0.1"], false), &ours)));
+        // The client trusts our CA but its own certificate comes from another one.
+        let client = bind(Some(files(&node(&theirs, &["127.0.0.1"], false), &ours)));
+        let (c, s) = handshake(&client, &server).await;
+        assert!(s.as_ref().is_err_and(|e| e.contains("UnknownIssuer")), "{s:?}");
+        assert!(c.is_err());
+    }
+
+    #[tokio::test]
+    async fn pki_client_refuses_server_from_another_ca_or_expired() {
+        let ours = ca("CA one");
+        let theirs = ca("CA two");
+        let client = bind(Some(files(&node(&ours, &["127.0.0.1"], false), &ours)));
+        let foreign = bind(Some(files(&node(&theirs, &["127.0.0.1"], false), &ours)));
+        let (c, s) = handshake(&client, &foreign).await;
+        assert!(c.as_ref().is_err_and(|e| e.contains("UnknownIssuer")), "{c:?}");
+        assert!(s.is_err());
+        let expired = bind(Some(files(&node(&ours, &["127.0.0.1"], true), &ours)));
+        let (c, s) = handshake(&client, &expired).await;
+        assert!(c.as_ref().is_err_and(|e| e.contains("expired")), "{c:?}");
+        assert!(s.is_err());
+        // And the expired node's certificate is refused as a client's too.
+        let (c, s) = handshake(&expired, &client).await;
+        assert!(s.as_ref().is_err_and(|e| e.contains("expired")), "{s:?}");
+        assert!(c.is_err());
+    }
+
+    #[tokio::test]
+    async fn pki_and_zero_configuration_do_not_mix() {
+        let ca = ca("CA one");
+        let pki = bind(Some(files(&node(&ca, &["127.0.0.1"], false), &ca)));
+        let zero = bind(None);
+        let (c, s) = handshake(&zero, &pki).await;
+        assert!(c.is_err() && s.is_err(), "{c:?} {s:?}");
+        let (c, s) = handshake(&pki, &zero).await;
+        assert!(c.is_err() && s.is_err(), "{c:?} {s:?}");
+        // Zero-configuration endpoints still connect to each other.
+        let other = bind(None);
+        assert_eq!(handshake(&zero, &other).await, (Ok(()), Ok(())));
+    }
+
+    #[tokio::test]
+    async fn bad_pki_files_fail_the_bind_with_a_tls_error() {
+        let ca = ca("CA one");
+        let mut files = files(&node(&ca, &["127.0.0.1"], false), &ca);
+        files.keyfile = files.keyfile.with_file_name("missing.key");
+        let settings = Settings { pki: Some(files), ..Settings::default() };
+        let e = Endpoint::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), settings).err().unwrap();
+        assert!(matches!(e, BindError::Tls(_)));
+        assert!(e.to_string().starts_with("keyfile "), "{e}");
+    }
 }

@@ -61,10 +61,11 @@ impl NodeAddress {
     }
 }
 
-/// Parses the name part of a node name as a UDP port.
+/// Parses the name part of a node name as a UDP port. Leading zeros are refused so that
+/// one port has exactly one node name.
 pub fn parse_port(text: &str) -> Result<u16, NameError> {
     let bad = || NameError::BadPort(text.to_string());
-    if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
+    if text.is_empty() || text.len() > 5 || text.starts_with('0') || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     match text.parse::<u16>() {
@@ -125,6 +126,7 @@ mod tests {
         assert_eq!(NodeAddress::parse("foo"), Err(NameError::NoAt));
         assert_eq!(NodeAddress::parse("foo@127.0.0.1"), Err(NameError::BadPort("foo".into())));
         assert_eq!(NodeAddress::parse("0@127.0.0.1"), Err(NameError::BadPort("0".into())));
+        assert_eq!(NodeAddress::parse("080@127.0.0.1"), Err(NameError::BadPort("080".into())));
         assert_eq!(NodeAddress::parse("65536@127.0.0.1"), Err(NameError::BadPort("65536".into())));
         assert_eq!(NodeAddress::parse("+80@127.0.0.1"), Err(NameError::BadPort("+80".into())));
         assert_eq!(NodeAddress::parse("80@"), Err(NameError::BadHost("".into())));

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
+use crate::tls::PkiFiles;
+
 /// Every tunable, already validated by the Erlang side (`macula_dist_config`).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -28,6 +30,9 @@ pub struct Settings {
     pub delivery_credit: usize,
     /// QUIC handshakes allowed to be in progress at once.
     pub max_pending_handshakes: usize,
+    /// PKI mode (mutual TLS against a CA) with these files; zero-configuration mode
+    /// (ephemeral self-signed certificates) without.
+    pub pki: Option<PkiFiles>,
 }
 
 impl Default for Settings {
@@ -42,6 +47,7 @@ impl Default for Settings {
             max_udp_payload: 1452,
             delivery_credit: 8,
             max_pending_handshakes: 64,
+            pki: None,
         }
     }
 }
