@@ -2,14 +2,12 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use macula_quic::frame::push_data_frame;
 use macula_quic::auth::Role;
 use macula_quic::{ConnError, Connection, SendStatus};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::events::{self, send, ErlangEvents};
-use crate::{atoms, runtime, terms};
+use crate::{atoms, outgoing, runtime, terms};
 
 /// A connection as Erlang holds it. When the monitored owner (the controller) dies, or
 /// the last reference goes, the QUIC connection is closed.
@@ -105,41 +103,13 @@ fn ack_data(conn: Conn) -> rustler::Atom {
 /// Queues distribution packets (a list of iodata, one element per packet). Answers
 /// `busy` when the queue is full: stop draining until `macula_writable`.
 #[rustler::nif]
-fn send_data<'a>(env: Env<'a>, conn: Conn, packets: Vec<Term<'a>>) -> NifResult<Term<'a>> {
-    let mut parts: Vec<Vec<&'a [u8]>> = Vec::with_capacity(packets.len());
-    for packet in &packets {
-        let mut slices = Vec::new();
-        if collect_slices(*packet, &mut slices).is_err() {
-            slices.clear();
-            slices.push(Binary::from_iolist(*packet)?.as_slice());
-        }
-        parts.push(slices);
-    }
-    let total: usize = parts.iter().map(|p| 4 + p.iter().map(|s| s.len()).sum::<usize>()).sum();
-    let mut framed = Vec::with_capacity(total);
-    for slices in &parts {
-        if push_data_frame(&mut framed, slices).is_err() {
-            return Ok(error_term(env, ConnError::Frame(macula_quic::frame::FrameError::TooLarge { len: 0, max: 0 })));
-        }
-    }
-    Ok(match conn.conn.send_data(Bytes::from(framed), parts.len() as u64) {
+fn send_data<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<'a>> {
+    let framed = outgoing::frame_packets(packets)?;
+    Ok(match conn.conn.send_data(framed.chunks, framed.packets) {
         Ok(SendStatus::Ready) => atoms::ok().encode(env),
         Ok(SendStatus::Busy) => atoms::busy().encode(env),
         Err(e) => error_term(env, e),
     })
-}
-
-/// Collects the binaries of an iovec (a binary, or nested lists of binaries).
-fn collect_slices<'a>(term: Term<'a>, out: &mut Vec<&'a [u8]>) -> NifResult<()> {
-    if let Ok(binary) = term.decode::<Binary<'a>>() {
-        out.push(binary.as_slice());
-        return Ok(());
-    }
-    let list: rustler::ListIterator<'a> = term.decode()?;
-    for element in list {
-        collect_slices(element, out)?;
-    }
-    Ok(())
 }
 
 /// The role atom of a cookie proof.

@@ -7,6 +7,7 @@ mod atoms;
 mod connection_nif;
 mod endpoint_nif;
 mod events;
+mod outgoing;
 mod runtime;
 mod shutdown;
 mod terms;

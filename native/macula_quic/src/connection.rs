@@ -231,12 +231,12 @@ impl<E: Events> Connection<E> {
         self.data_credit.add_permits(1);
     }
 
-    /// Queues already framed data (`packets` frames in `bytes`). Never blocks.
-    pub fn send_data(&self, bytes: Bytes, packets: u64) -> Result<SendStatus, ConnError> {
+    /// Queues already framed data (`packets` frames in `chunks`). Never blocks.
+    pub fn send_data(&self, chunks: Vec<Bytes>, packets: u64) -> Result<SendStatus, ConnError> {
         self.check_open()?;
         let queue = &self.data_out;
-        let len = bytes.len();
-        lock(&queue.chunks).push_back(bytes);
+        let len = chunks.iter().map(Bytes::len).sum();
+        lock(&queue.chunks).extend(chunks);
         let queued = queue.bytes.fetch_add(len, Ordering::SeqCst) + len;
         self.sent.fetch_add(packets, Ordering::Relaxed);
         queue.wake.notify_one();

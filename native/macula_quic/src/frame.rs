@@ -151,17 +151,11 @@ impl<B: PacketBuf> FrameDecoder<B> {
     }
 }
 
-/// Appends one data frame (`Len:32, parts...`) to `out`.
-pub fn push_data_frame(out: &mut Vec<u8>, parts: &[&[u8]]) -> Result<(), FrameError> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    if len > HeaderWidth::Four.max_payload() {
-        return Err(FrameError::TooLarge { len, max: HeaderWidth::Four.max_payload() });
-    }
-    out.extend_from_slice(&(len as u32).to_be_bytes());
-    for part in parts {
-        out.extend_from_slice(part);
-    }
-    Ok(())
+/// The header of a data frame carrying `len` bytes.
+pub fn data_frame_header(len: usize) -> Result<[u8; 4], FrameError> {
+    u32::try_from(len)
+        .map(u32::to_be_bytes)
+        .map_err(|_| FrameError::TooLarge { len, max: HeaderWidth::Four.max_payload() })
 }
 
 /// One control frame (`Len:16, payload`).
@@ -235,10 +229,9 @@ mod tests {
 
     #[test]
     fn encoders_produce_literal_bytes() {
-        let mut out = Vec::new();
-        push_data_frame(&mut out, &[b"ab", b"c"]).unwrap();
-        push_data_frame(&mut out, &[]).unwrap();
-        assert_eq!(out, vec![0, 0, 0, 3, b'a', b'b', b'c', 0, 0, 0, 0]);
+        assert_eq!(data_frame_header(3).unwrap(), [0, 0, 0, 3]);
+        assert_eq!(data_frame_header(0x0102_0304).unwrap(), [1, 2, 3, 4]);
+        assert!(data_frame_header(u32::MAX as usize + 1).is_err());
         assert_eq!(control_frame(b"sok").unwrap(), vec![0, 3, b's', b'o', b'k']);
         assert!(control_frame(&vec![0; 70_000]).is_err());
     }

@@ -1,0 +1,117 @@
+//! Framing of outgoing distribution packets without copying their large binaries.
+//!
+//! `dist_ctrl_get_data/1` returns each packet as an iovec: a small header binary and,
+//! for big messages, references into large refc binaries. Small pieces are copied next
+//! to their frame header; pieces of at least [`BORROW_THRESHOLD`] bytes are handed to
+//! QUIC as they are, kept alive by a copy of the packet list in a process-independent
+//! environment (copying a term shares its refc binaries instead of copying their bytes).
+//! QUIC then copies each byte once, into the packet it encrypts.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use macula_quic::frame::data_frame_header;
+use rustler::{Binary, NifResult, OwnedEnv, Term};
+
+/// Pieces at least this large are borrowed rather than copied.
+const BORROW_THRESHOLD: usize = 4096;
+
+/// Framed packets ready for the data stream.
+pub struct Framed {
+    pub chunks: Vec<Bytes>,
+    pub packets: u64,
+}
+
+/// Keeps the binaries of one `send_data` call alive while QUIC holds pieces of them.
+struct Pinned {
+    _env: OwnedEnv,
+}
+
+// SAFETY: the environment is only built once and then dropped; nothing reads or writes
+// it concurrently. Dropping a process-independent environment is allowed on any thread.
+unsafe impl Sync for Pinned {}
+
+/// A piece of a pinned binary.
+struct Borrowed {
+    _pin: Arc<Pinned>,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: `ptr..ptr+len` lies in a refc binary kept alive by `_pin`; binary contents
+// are immutable once created.
+unsafe impl Send for Borrowed {}
+unsafe impl Sync for Borrowed {}
+
+impl AsRef<[u8]> for Borrowed {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: see the `Send` impl above.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// A piece of a packet, and whether it may be borrowed (it belongs to the caller's term,
+/// not to a temporary flattened binary).
+struct Piece<'a> {
+    bytes: &'a [u8],
+    borrowable: bool,
+}
+
+/// Frames `list` (a list of iodata, one element per distribution packet).
+pub fn frame_packets(list: Term) -> NifResult<Framed> {
+    let mut pin: Option<Arc<Pinned>> = None;
+    let mut chunks = Vec::new();
+    let mut small = BytesMut::new();
+    let mut packets = 0;
+    for packet in list.decode::<rustler::ListIterator>()? {
+        let pieces = pieces(packet)?;
+        let len: usize = pieces.iter().map(|p| p.bytes.len()).sum();
+        small.extend_from_slice(&data_frame_header(len).map_err(|_| rustler::Error::BadArg)?);
+        for piece in pieces {
+            if piece.borrowable && piece.bytes.len() >= BORROW_THRESHOLD {
+                let pin = pin.get_or_insert_with(|| pin_term(list)).clone();
+                if !small.is_empty() {
+                    chunks.push(small.split().freeze());
+                }
+                chunks.push(Bytes::from_owner(Borrowed { _pin: pin, ptr: piece.bytes.as_ptr(), len: piece.bytes.len() }));
+            } else {
+                small.extend_from_slice(piece.bytes);
+            }
+        }
+        packets += 1;
+    }
+    if !small.is_empty() {
+        chunks.push(small.freeze());
+    }
+    Ok(Framed { chunks, packets })
+}
+
+fn pin_term(term: Term) -> Arc<Pinned> {
+    let env = OwnedEnv::new();
+    env.run(|owned| {
+        term.in_env(owned);
+    });
+    Arc::new(Pinned { _env: env })
+}
+
+/// The binaries of an iovec (a binary or nested lists of binaries); anything else is
+/// flattened into a temporary binary, which is then copied, never borrowed.
+fn pieces(packet: Term) -> NifResult<Vec<Piece>> {
+    let mut out = Vec::new();
+    if collect(packet, &mut out).is_err() {
+        out.clear();
+        out.push(Piece { bytes: Binary::from_iolist(packet)?.as_slice(), borrowable: false });
+    }
+    Ok(out)
+}
+
+fn collect<'a>(term: Term<'a>, out: &mut Vec<Piece<'a>>) -> NifResult<()> {
+    if let Ok(binary) = term.decode::<Binary<'a>>() {
+        out.push(Piece { bytes: binary.as_slice(), borrowable: true });
+        return Ok(());
+    }
+    for element in term.decode::<rustler::ListIterator<'a>>()? {
+        collect(element, out)?;
+    }
+    Ok(())
+}
