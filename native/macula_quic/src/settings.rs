@@ -11,8 +11,9 @@ use crate::tls::PkiFiles;
 /// Every tunable, already validated by the Erlang side (`macula_dist_config`).
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// `net_ticktime`. The QUIC idle timeout equals it, and QUIC keep-alives are sent
-    /// every eighth of it, so a silent peer is dropped no later than `net_ticktime`.
+    /// `net_ticktime` at start. Liveness is judged by `dist_util`'s ticks (which follow
+    /// `net_kernel:set_net_ticktime/1`); the QUIC idle timeout is only a backstop at
+    /// [`IDLE_TIMEOUT_FACTOR`] times it, so a later, longer tick time is honoured too.
     pub tick_time: Duration,
     /// `net_setuptime`: the longest a QUIC + TLS handshake may take.
     pub handshake_timeout: Duration,
@@ -52,14 +53,18 @@ impl Default for Settings {
     }
 }
 
+/// The QUIC idle timeout is this many times the tick time.
+pub const IDLE_TIMEOUT_FACTOR: u32 = 4;
+
 impl Settings {
     /// QUIC transport parameters for every connection of an endpoint.
     pub fn transport(&self) -> Arc<TransportConfig> {
         let mut transport = TransportConfig::default();
-        let idle = IdleTimeout::try_from(self.tick_time).unwrap_or(IdleTimeout::from(VarInt::MAX));
+        let idle = IdleTimeout::try_from(self.tick_time * IDLE_TIMEOUT_FACTOR).unwrap_or(IdleTimeout::from(VarInt::MAX));
         transport
             .max_idle_timeout(Some(idle))
-            .keep_alive_interval(Some(self.tick_time / 8))
+            // Keeps NAT bindings fresh and the path validated between ticks.
+            .keep_alive_interval(Some(self.keep_alive()))
             .stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX))
             // Streams are few and each is bounded by its own window, so the
             // connection-level window never lets bulk data starve the control stream.
@@ -74,7 +79,7 @@ impl Settings {
         Arc::new(transport)
     }
 
-    /// Idle time before a keep-alive, exposed for `info`.
+    /// Idle time before a QUIC keep-alive.
     pub fn keep_alive(&self) -> Duration {
         self.tick_time / 8
     }
