@@ -35,6 +35,7 @@
          {delivery_credit, 8, {integer, 1, 1024}},
          {max_pending_handshakes, 64, {integer, 1, 100000}},
          {runtime_workers, 1, {integer, 1, 64}},
+         {congestion, bbr, {one_of, [bbr, cubic, new_reno]}},
          %% PKI mode: PEM files, all three or none.
          {certfile, undefined, file},
          {keyfile, undefined, file},
@@ -93,8 +94,19 @@ check(Key, {integer, Min, Max}, Value) when is_list(Value) ->
     end;
 check(_Key, {integer, Min, Max}, Value) when is_integer(Value), Value >= Min, Value =< Max ->
     Value;
-check(Key, {integer, Min, Max}, Value) ->
+check(Key, {integer, Min, Max}, Value) when is_integer(Value) ->
     bad(Key, {out_of_range, Value, Min, Max});
+check(Key, {integer, _Min, _Max}, Value) ->
+    bad(Key, {not_an_integer, Value});
+check(Key, {one_of, Values}, Value) ->
+    Given = case Value of
+                _ when is_atom(Value) -> atom_to_list(Value);
+                _ -> Value
+            end,
+    case [V || V <- Values, atom_to_list(V) =:= Given] of
+        [V] -> V;
+        [] -> bad(Key, {not_one_of, Value, Values})
+    end;
 check(Key, boolean, Value) ->
     case Value of
         _ when is_boolean(Value) -> Value;
@@ -196,7 +208,7 @@ parse_forms(Path, Tokens) ->
 -spec nif_options(config()) -> map().
 nif_options(Config) ->
     Keys = [stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
-            delivery_credit, max_pending_handshakes, runtime_workers],
+            delivery_credit, max_pending_handshakes, runtime_workers, congestion],
     Files = maps:from_list([{Key, path_binary(maps:get(Key, Config, undefined))}
                             || Key <- ?PKI_FILES]),
     maps:merge(maps:with(Keys, Config),

@@ -116,11 +116,22 @@ defaults_test() ->
                    delivery_credit => 8,
                    max_pending_handshakes => 64,
                    runtime_workers => 1,
+                   congestion => bbr,
                    certfile => undefined,
                    keyfile => undefined,
                    cacertfile => undefined,
                    verify_name => false},
                  macula_dist_config:defaults()).
+
+congestion_option_test_() ->
+    [?_assertMatch({ok, #{congestion := cubic}}, macula_dist_config:parse([{"congestion", "cubic"}])),
+     ?_assertMatch({ok, #{congestion := new_reno}}, macula_dist_config:parse([{congestion, new_reno}])),
+     ?_assertMatch({error, {option, congestion, {not_one_of, "vegas", _}}},
+                   macula_dist_config:parse([{"congestion", "vegas"}]))].
+
+not_an_integer_term_test() ->
+    ?assertMatch({error, {option, send_batch, {not_an_integer, 2048.0}}},
+                 macula_dist_config:parse([{send_batch, 2048.0}])).
 
 parse_empty_gives_defaults_test() ->
     ?assertEqual({ok, macula_dist_config:defaults()}, macula_dist_config:parse([])).
@@ -209,7 +220,7 @@ nif_options_test() ->
     Opts = macula_dist_config:nif_options(macula_dist_config:defaults()),
     ?assertEqual(lists:sort([stream_window, send_window, send_queue_limit, max_packet,
                              max_udp_payload, delivery_credit, max_pending_handshakes,
-                             runtime_workers, tick_time_ms, handshake_timeout_ms,
+                             runtime_workers, congestion, tick_time_ms, handshake_timeout_ms,
                              certfile, keyfile, cacertfile]),
                  lists:sort(maps:keys(Opts))),
     ?assertEqual(8 bsl 20, maps:get(stream_window, Opts)),

@@ -30,6 +30,10 @@ rustler::atoms! {
     resolve,
     connect,
     no_peer_certificate,
+    // Congestion controllers.
+    bbr,
+    cubic,
+    new_reno,
     // Info keys.
     peer,
     local,

@@ -125,7 +125,13 @@ fn role(role: rustler::Atom) -> NifResult<Role> {
 
 /// This side's cookie proof for the connection's TLS session.
 #[rustler::nif]
-fn auth_proof<'a>(env: Env<'a>, conn: Conn, cookie: Binary<'a>, role_atom: rustler::Atom, node_name: Binary<'a>) -> NifResult<Term<'a>> {
+fn auth_proof<'a>(
+    env: Env<'a>,
+    conn: Conn,
+    cookie: Binary<'a>,
+    role_atom: rustler::Atom,
+    node_name: Binary<'a>,
+) -> NifResult<Term<'a>> {
     Ok(match conn.conn.prove(&cookie, role(role_atom)?, &node_name) {
         Ok(proof) => (atoms::ok(), terms::bytes(env, &proof)).encode(env),
         Err(e) => error_term(env, e),

@@ -39,7 +39,7 @@ fn start_listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOpti
         Err(e) => return Ok(terms::error(env, atoms::bind(), &format!("cannot start runtime: {e}"))),
     };
     let caller = env.pid();
-    let settings = options.settings();
+    let settings = options.settings()?;
     runtime.spawn(async move {
         let result = Endpoint::bind(addr, settings);
         send(&caller, |env| {
@@ -87,7 +87,9 @@ fn accept(endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> NifRes
             send(&acceptor, |env| (atoms::macula_incoming(), resource, terms::encode_addr(env, peer)).encode(env));
         };
         let on_refused = move |peer: SocketAddr, why: macula_quic::AcceptError| {
-            send(&acceptor, |env| (atoms::macula_refused(), terms::encode_addr(env, peer), terms::text(env, &why.to_string())).encode(env));
+            send(&acceptor, |env| {
+                (atoms::macula_refused(), terms::encode_addr(env, peer), terms::text(env, &why.to_string())).encode(env)
+            });
         };
         endpoint.accept_loop(on_connection, on_refused).await;
     });
@@ -98,7 +100,13 @@ fn accept(endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> NifRes
 /// {ok, Conn}}` or `{macula_connect, {error, {Kind, Message}}}`; `owner` (the
 /// controller) is monitored and gets the connection's events.
 #[rustler::nif]
-fn connect(env: Env, endpoint: ResourceArc<EndpointResource>, host: String, port: u16, owner: LocalPid) -> NifResult<rustler::Atom> {
+fn connect(
+    env: Env,
+    endpoint: ResourceArc<EndpointResource>,
+    host: String,
+    port: u16,
+    owner: LocalPid,
+) -> NifResult<rustler::Atom> {
     let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
     let caller = env.pid();
     let endpoint = endpoint.endpoint.clone();
@@ -116,7 +124,8 @@ fn connect(env: Env, endpoint: ResourceArc<EndpointResource>, host: String, port
         };
         match endpoint.connect(addr).await {
             Ok(established) => {
-                let conn = Connection::start(established, true, ErlangEvents::with_owner(owner), endpoint.settings().clone());
+                let conn =
+                    Connection::start(established, true, ErlangEvents::with_owner(owner), endpoint.settings().clone());
                 let resource = ResourceArc::new(ConnResource::new(conn));
                 if resource.monitor(None, &owner).is_none() {
                     resource.conn.close();

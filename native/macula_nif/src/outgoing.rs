@@ -73,7 +73,11 @@ pub fn frame_packets(list: Term) -> NifResult<Framed> {
                 if !small.is_empty() {
                     chunks.push(small.split().freeze());
                 }
-                chunks.push(Bytes::from_owner(Borrowed { _pin: pin, ptr: piece.bytes.as_ptr(), len: piece.bytes.len() }));
+                chunks.push(Bytes::from_owner(Borrowed {
+                    _pin: pin,
+                    ptr: piece.bytes.as_ptr(),
+                    len: piece.bytes.len(),
+                }));
             } else {
                 small.extend_from_slice(piece.bytes);
             }

@@ -44,12 +44,8 @@ pub fn stopping() -> bool {
 
 extern "C" fn at_exit() {
     STOPPING.store(true, Ordering::Release);
-    let endpoints: Vec<Arc<Endpoint>> = ENDPOINTS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .filter_map(Weak::upgrade)
-        .collect();
+    let endpoints: Vec<Arc<Endpoint>> =
+        ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
     let Some(runtime) = runtime::get() else { return };
     let (done, flushed) = std::sync::mpsc::channel();
     runtime.spawn(async move {

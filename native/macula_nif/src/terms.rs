@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use macula_quic::settings::Congestion;
 use macula_quic::tls::PkiFiles;
 use macula_quic::{CloseReason, Settings};
 use rustler::{Binary, Encoder, Env, Error, NifMap, NifResult, Term};
@@ -85,6 +86,7 @@ pub struct EndpointOptions {
     pub delivery_credit: usize,
     pub max_pending_handshakes: usize,
     pub runtime_workers: usize,
+    pub congestion: rustler::Atom,
     /// PKI files as binaries; all three empty in zero-configuration mode (the Erlang
     /// side has checked that either all or none are given).
     pub certfile: String,
@@ -93,8 +95,8 @@ pub struct EndpointOptions {
 }
 
 impl EndpointOptions {
-    pub fn settings(&self) -> Settings {
-        Settings {
+    pub fn settings(&self) -> NifResult<Settings> {
+        Ok(Settings {
             tick_time: Duration::from_millis(self.tick_time_ms),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             stream_window: self.stream_window,
@@ -104,7 +106,21 @@ impl EndpointOptions {
             max_udp_payload: self.max_udp_payload,
             delivery_credit: self.delivery_credit,
             max_pending_handshakes: self.max_pending_handshakes,
+            congestion: self.congestion()?,
             pki: self.pki(),
+        })
+    }
+
+    fn congestion(&self) -> NifResult<Congestion> {
+        let c = self.congestion;
+        if c == atoms::bbr() {
+            Ok(Congestion::Bbr)
+        } else if c == atoms::cubic() {
+            Ok(Congestion::Cubic)
+        } else if c == atoms::new_reno() {
+            Ok(Congestion::NewReno)
+        } else {
+            Err(Error::BadArg)
         }
     }
 

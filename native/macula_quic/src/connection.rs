@@ -222,6 +222,8 @@ impl<E: Events> Connection<E> {
         if !self.activated.swap(true, Ordering::AcqRel) {
             self.data_credit.add_permits(self.settings.delivery_credit);
             self.activate.notify_one();
+            // Wakes a control reader holding an unrequested message: it is a violation now.
+            self.handshake_credit.add_permits(1);
         }
         Ok(())
     }
@@ -245,7 +247,9 @@ impl<E: Events> Connection<E> {
         }
         queue.want_writable.store(true, Ordering::SeqCst);
         // The writer may have drained the queue before it could see the flag.
-        if queue.bytes.load(Ordering::SeqCst) <= self.low_watermark() && queue.want_writable.swap(false, Ordering::SeqCst) {
+        if queue.bytes.load(Ordering::SeqCst) <= self.low_watermark()
+            && queue.want_writable.swap(false, Ordering::SeqCst)
+        {
             return Ok(SendStatus::Ready);
         }
         Ok(SendStatus::Busy)
@@ -273,9 +277,7 @@ impl<E: Events> Connection<E> {
 
     fn exporter(&self) -> Result<[u8; PROOF_LEN], ConnError> {
         let mut exporter = [0; PROOF_LEN];
-        self.quic
-            .export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"")
-            .map_err(|_| ConnError::Closed)?;
+        self.quic.export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"").map_err(|_| ConnError::Closed)?;
         Ok(exporter)
     }
 
@@ -392,8 +394,9 @@ impl<E: Events> Connection<E> {
         loop {
             let chunk = match stream.read_chunk(usize::MAX, true).await {
                 Ok(Some(chunk)) => chunk.bytes,
-                // Ok(None): the peer is closing gracefully; its CONNECTION_CLOSE follows.
-                Ok(None) | Err(_) => return,
+                // The peer is closing gracefully; its CONNECTION_CLOSE should follow.
+                Ok(None) => return self.close_after_peer_finished().await,
+                Err(_) => return,
             };
             self.received.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = decoder.feed(&chunk, |f| frames.push(f)) {
@@ -408,8 +411,19 @@ impl<E: Events> Connection<E> {
                     Ok(permit) => permit.forget(),
                     Err(_) => return,
                 }
+                if self.activated.load(Ordering::Acquire) {
+                    return self.violation("handshake message after the handshake".into());
+                }
                 self.events.handshake_frame(message);
             }
+        }
+    }
+
+    /// After the peer ends its control stream, waits briefly for its CONNECTION_CLOSE
+    /// and closes the connection itself if none comes.
+    async fn close_after_peer_finished(&self) {
+        if tokio::time::timeout(GRACEFUL_CLOSE_TIMEOUT, self.quic.closed()).await.is_err() {
+            self.close_with(CloseReason::PeerClosed, close_code::SHUTDOWN, b"control stream finished");
         }
     }
 

@@ -161,9 +161,7 @@ impl Endpoint {
             let control = quic.open_bi().await?;
             Ok::<_, ConnectError>(Established { quic, control, gate: Arc::new(Gate::default()) })
         };
-        tokio::time::timeout(self.settings.handshake_timeout, handshake)
-            .await
-            .unwrap_or(Err(ConnectError::TimedOut))
+        tokio::time::timeout(self.settings.handshake_timeout, handshake).await.unwrap_or(Err(ConnectError::TimedOut))
     }
 
     /// Accepts connections until the endpoint closes.
@@ -189,11 +187,11 @@ impl Endpoint {
             let (on_connection, on_refused) = (on_connection.clone(), on_refused.clone());
             tokio::spawn(async move {
                 let gate = Arc::new(Gate::default());
-                let mut handed_over: Option<quinn::Connection> = None;
+                let mut established: Option<quinn::Connection> = None;
                 let admitted = async {
                     let quic = incoming.await?;
+                    established = Some(quic.clone());
                     let control = quic.accept_bi().await?;
-                    handed_over = Some(quic.clone());
                     on_connection(Established { quic, control, gate: gate.clone() });
                     gate.wait().await;
                     Ok::<_, AcceptError>(())
@@ -204,7 +202,7 @@ impl Endpoint {
                 };
                 unauthenticated.remove(id);
                 let Err(error) = outcome else { return };
-                if let Some(quic) = handed_over {
+                if let Some(quic) = established {
                     if quic.close_reason().is_some() {
                         return; // Already refused (and reported) by the Erlang side.
                     }
@@ -267,7 +265,12 @@ mod tests {
             Ok::<_, String>(conn)
         };
         let client_side = async {
-            let conn = client.quic.connect(addr, tls::SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+            let conn = client
+                .quic
+                .connect(addr, tls::SERVER_NAME)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>(conn)
         };
         let (c, s) = tokio::join!(client_side, server_side);
@@ -292,10 +295,10 @@ mod tests {
         assert_eq!((c, s), (Ok(()), Ok(())));
         // Each side sees the other's verified certificate.
         let addr = a.local_addr().unwrap();
-        let (client, server) = tokio::join!(
-            async { b.quic.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap() },
-            async { a.quic.accept().await.unwrap().await.unwrap() }
-        );
+        let (client, server) =
+            tokio::join!(async { b.quic.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap() }, async {
+                a.quic.accept().await.unwrap().await.unwrap()
+            });
         assert_eq!(tls::peer_covers_host(&client, "127.0.0.1"), Ok(true));
         assert_eq!(tls::peer_covers_host(&server, "10.9.9.9"), Ok(true));
         assert_eq!(tls::peer_covers_host(&server, "127.0.0.1"), Ok(false));

@@ -53,10 +53,9 @@ impl NodeAddress {
     pub async fn resolve(&self) -> Result<SocketAddr, ResolveError> {
         match &self.host {
             Host::Ip(ip) => Ok(SocketAddr::new(*ip, self.port)),
-            Host::Name(name) => tokio::net::lookup_host((name.as_str(), self.port))
-                .await?
-                .next()
-                .ok_or(ResolveError::NoAddress),
+            Host::Name(name) => {
+                tokio::net::lookup_host((name.as_str(), self.port)).await?.next().ok_or(ResolveError::NoAddress)
+            }
         }
     }
 }

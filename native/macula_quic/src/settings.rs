@@ -8,6 +8,18 @@ use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 use crate::tls::PkiFiles;
 
+/// The congestion controller of every connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Congestion {
+    /// Model-based: does not read random loss as congestion, and does not fill the
+    /// receiver's socket buffer to find the bandwidth (the default).
+    Bbr,
+    /// Loss-based, quinn's default.
+    Cubic,
+    /// Loss-based, the RFC 9002 reference.
+    NewReno,
+}
+
 /// Every tunable, already validated by the Erlang side (`macula_dist_config`).
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -29,6 +41,8 @@ pub struct Settings {
     pub max_udp_payload: u16,
     /// Data messages delivered to the input handler before it acknowledges any.
     pub delivery_credit: usize,
+    /// Congestion controller.
+    pub congestion: Congestion,
     /// QUIC handshakes allowed to be in progress at once.
     pub max_pending_handshakes: usize,
     /// PKI mode (mutual TLS against a CA) with these files; zero-configuration mode
@@ -48,6 +62,7 @@ impl Default for Settings {
             max_udp_payload: 1452,
             delivery_credit: 8,
             max_pending_handshakes: 64,
+            congestion: Congestion::Bbr,
             pki: None,
         }
     }
@@ -60,7 +75,8 @@ impl Settings {
     /// QUIC transport parameters for every connection of an endpoint.
     pub fn transport(&self) -> Arc<TransportConfig> {
         let mut transport = TransportConfig::default();
-        let idle = IdleTimeout::try_from(self.tick_time * IDLE_TIMEOUT_FACTOR).unwrap_or(IdleTimeout::from(VarInt::MAX));
+        let idle =
+            IdleTimeout::try_from(self.tick_time * IDLE_TIMEOUT_FACTOR).unwrap_or(IdleTimeout::from(VarInt::MAX));
         transport
             .max_idle_timeout(Some(idle))
             // Keeps NAT bindings fresh and the path validated between ticks.
@@ -73,6 +89,12 @@ impl Settings {
             .max_concurrent_bidi_streams(VarInt::from_u32(1))
             .max_concurrent_uni_streams(VarInt::from_u32(1))
             .datagram_receive_buffer_size(None);
+        let congestion: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match self.congestion {
+            Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+            Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        };
+        transport.congestion_controller_factory(congestion);
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload.max(1200));
         transport.mtu_discovery_config(Some(mtu));

@@ -411,7 +411,9 @@ pub(crate) mod test_pki {
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    };
 
     use super::PkiFiles;
 
@@ -452,8 +454,11 @@ pub(crate) mod test_pki {
     /// A fresh directory under the system temporary directory.
     pub fn dir() -> PathBuf {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir()
-            .join(format!("macula_quic_test_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "macula_quic_test_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -526,7 +531,8 @@ mod tests {
         let key_only = write(&dir, "key.pem", &n.key_pem);
         let cert_only = write(&dir, "cert.pem", &n.cert_pem);
         let empty = write(&dir, "empty.pem", "");
-        let garbage = write(&dir, "garbage.pem", "-----BEGIN CERTIFICATE-----\n%%%not base64%%%\n-----END CERTIFICATE-----\n");
+        let garbage =
+            write(&dir, "garbage.pem", "-----BEGIN CERTIFICATE-----\n%%%not base64%%%\n-----END CERTIFICATE-----\n");
         let unterminated = write(&dir, "cut.pem", "-----BEGIN CERTIFICATE-----\nMIIB\n");
 
         let e = message(Identity::from_pem_files(&key_only, &key_only).unwrap_err());
@@ -569,7 +575,9 @@ mod tests {
     fn server_verdict(roots: &Arc<RootCertStore>, pem: &str) -> Result<(), rustls::Error> {
         let chain = chain(pem);
         let name = ServerName::try_from(SERVER_NAME).unwrap();
-        ChainVerifier::new(roots.clone()).verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now()).map(|_| ())
+        ChainVerifier::new(roots.clone())
+            .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+            .map(|_| ())
     }
 
     fn client_verdict(roots: &Arc<RootCertStore>, pem: &str) -> Result<(), rustls::Error> {
@@ -607,7 +615,9 @@ mod tests {
         // A self-signed certificate (zero-configuration peer) likewise.
         let zero = Identity::ephemeral().unwrap();
         let name = ServerName::try_from(SERVER_NAME).unwrap();
-        assert!(ChainVerifier::new(roots).verify_server_cert(&zero.chain[0], &[], &name, &[], UnixTime::now()).is_err());
+        assert!(ChainVerifier::new(roots)
+            .verify_server_cert(&zero.chain[0], &[], &name, &[], UnixTime::now())
+            .is_err());
     }
 
     #[test]
@@ -618,7 +628,9 @@ mod tests {
         let expired = |r: Result<(), rustls::Error>| {
             matches!(
                 r,
-                Err(rustls::Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }))
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. }
+                ))
             )
         };
         assert!(expired(server_verdict(&roots, &n.cert_pem)));
@@ -658,6 +670,9 @@ mod tests {
         // The common name does not count.
         let cn_only = der(&node(&ca, &[], false).cert_pem);
         assert_eq!(covers_host(&cn_only, "macula node"), Ok(false));
-        assert!(matches!(covers_host(&CertificateDer::from(vec![1, 2, 3]), "x"), Err(PeerNameError::BadCertificate(_))));
+        assert!(matches!(
+            covers_host(&CertificateDer::from(vec![1, 2, 3]), "x"),
+            Err(PeerNameError::BadCertificate(_))
+        ));
     }
 }

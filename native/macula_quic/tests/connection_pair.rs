@@ -52,9 +52,14 @@ async fn pair() -> (Side, Side, Arc<Endpoint>, Arc<Endpoint>) {
     let (accepted_tx, mut accepted_rx) = unbounded_channel();
     let acceptor = server.clone();
     tokio::spawn(async move {
-        acceptor.accept_loop(move |established| {
-            let _ = accepted_tx.send(established);
-        }, |_, _| {}).await;
+        acceptor
+            .accept_loop(
+                move |established| {
+                    let _ = accepted_tx.send(established);
+                },
+                |_, _| {},
+            )
+            .await;
     });
     let settings = client.settings().clone();
     let established = client.connect(addr).await.unwrap();
