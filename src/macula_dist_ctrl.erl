@@ -43,7 +43,7 @@
 
 -record(ctrl, {conn :: macula_dist_nif:conn(),
                owner :: pid(),
-               dhandle :: reference() | undefined,
+               dhandle :: erlang:dist_handle() | undefined,
                batch_limit :: pos_integer(),
                busy = false :: boolean(),
                opts = #{} :: #{nodelay => boolean()}}).
@@ -269,6 +269,7 @@ push(#ctrl{conn = Conn}, Batch) ->
     end.
 
 %% The NIF reports why the connection closed; that reason is the nodedown reason.
+-spec await_close() -> no_return().
 await_close() ->
     receive
         {macula_closed, Reason} -> exit(Reason)
@@ -326,6 +327,7 @@ put_packets(DHandle, [Packet | Packets]) ->
 put_packets(_DHandle, []) ->
     ok.
 
+-spec death_row() -> no_return().
 death_row() ->
     receive
     after ?DEATH_ROW_TIMEOUT -> exit(connection_closed)
