@@ -474,33 +474,66 @@ impl<E: Events> Connection<E> {
         }
         let mut decoder: FrameDecoder<E::Packet> = FrameDecoder::new(HeaderWidth::Four, self.settings.max_packet);
         let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
-        let mut packets = Vec::new();
+        let mut batch = Batch::default();
         loop {
-            let n = match stream.read_chunks(&mut chunks).await {
+            // While the input handler has no credit for another message, keep reading
+            // into the pending one (up to MAX_BATCH): a slow consumer gets fewer, fuller
+            // messages, and beyond that QUIC flow control holds the sender back.
+            let read = tokio::select! {
+                biased;
+                permit = self.data_credit.acquire(), if !batch.packets.is_empty() => match permit {
+                    Ok(permit) => {
+                        permit.forget();
+                        self.events.data(batch.take());
+                        continue;
+                    }
+                    Err(_) => return,
+                },
+                read = stream.read_chunks(&mut chunks), if batch.packets.is_empty() || batch.bytes < MAX_BATCH => read,
+            };
+            let n = match read {
                 Ok(Some(n)) => n,
                 Ok(None) => return self.violation("data stream finished by peer".into()),
                 Err(_) => return,
             };
             self.received.fetch_add(1, Ordering::Relaxed);
             for chunk in &chunks[..n] {
-                let fed = decoder.feed(chunk, |f| {
-                    if let Frame::Packet(p) = f {
-                        packets.push(p);
-                    }
-                });
-                if let Err(e) = fed {
+                batch.bytes += chunk.len();
+                if let Err(e) = decoder.feed(chunk, |f| batch.push(f)) {
                     return self.violation(format!("data stream: {e}"));
                 }
             }
-            if packets.is_empty() {
-                continue;
-            }
-            match self.data_credit.acquire().await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return,
-            }
-            self.events.data(std::mem::take(&mut packets));
         }
+    }
+}
+
+/// Largest pending delivery, in stream bytes, before reading pauses for credit.
+const MAX_BATCH: usize = 1 << 20;
+
+/// Packets decoded and not yet delivered.
+struct Batch<P> {
+    packets: Vec<P>,
+    bytes: usize,
+}
+
+impl<P> Default for Batch<P> {
+    fn default() -> Self {
+        Batch { packets: Vec::new(), bytes: 0 }
+    }
+}
+
+impl<P> Batch<P> {
+    fn push(&mut self, frame: Frame<P>) {
+        if let Frame::Packet(packet) = frame {
+            self.packets.push(packet);
+        }
+    }
+
+    /// Bytes count from the last delivery, so a packet larger than MAX_BATCH still
+    /// gets read to its end (reading stops only while complete packets wait).
+    fn take(&mut self) -> Vec<P> {
+        self.bytes = 0;
+        std::mem::take(&mut self.packets)
     }
 }
 
