@@ -31,7 +31,8 @@
          {send_queue_limit, 4 bsl 20, {integer, 65536, 1 bsl 40}},
          {send_batch, 1 bsl 20, {integer, 1024, 1 bsl 30}},
          {max_packet, 1 bsl 30, {integer, 1024, (1 bsl 32) - 1}},
-         {max_udp_payload, 1452, {integer, 1200, 65527}},
+         %% Above 6500, ten GSO segments exceed the 64 KiB a UDP send may carry.
+         {max_udp_payload, 6500, {integer, 1200, 6500}},
          {delivery_credit, 8, {integer, 1, 1024}},
          {max_pending_handshakes, 64, {integer, 1, 100000}},
          {runtime_workers, 1, {integer, 1, 64}},

@@ -112,7 +112,7 @@ defaults_test() ->
                    send_queue_limit => 4 bsl 20,
                    send_batch => 1 bsl 20,
                    max_packet => 1 bsl 30,
-                   max_udp_payload => 1452,
+                   max_udp_payload => 6500,
                    delivery_credit => 8,
                    max_pending_handshakes => 64,
                    runtime_workers => 1,
@@ -162,7 +162,7 @@ parse_last_value_wins_test() ->
 
 parse_bounds_are_inclusive_test() ->
     ?assertMatch({ok, #{max_udp_payload := 1200}}, macula_dist_config:parse([{max_udp_payload, 1200}])),
-    ?assertMatch({ok, #{max_udp_payload := 65527}}, macula_dist_config:parse([{max_udp_payload, 65527}])),
+    ?assertMatch({ok, #{max_udp_payload := 6500}}, macula_dist_config:parse([{max_udp_payload, 6500}])),
     ?assertMatch({ok, #{delivery_credit := 1}}, macula_dist_config:parse([{delivery_credit, 1}])),
     ?assertMatch({ok, #{delivery_credit := 1024}}, macula_dist_config:parse([{delivery_credit, 1024}])),
     ?assertMatch({ok, #{max_packet := 4294967295}}, macula_dist_config:parse([{max_packet, "4294967295"}])).
@@ -187,8 +187,8 @@ parse_out_of_range_test() ->
                  macula_dist_config:parse([{stream_window, 1}])),
     ?assertEqual({error, {option, stream_window, {out_of_range, 65535, 65536, Max40}}},
                  macula_dist_config:parse([{"stream_window", "65535"}])),
-    ?assertEqual({error, {option, max_udp_payload, {out_of_range, 65528, 1200, 65527}}},
-                 macula_dist_config:parse([{max_udp_payload, 65528}])),
+    ?assertEqual({error, {option, max_udp_payload, {out_of_range, 6501, 1200, 6500}}},
+                 macula_dist_config:parse([{max_udp_payload, 6501}])),
     ?assertEqual({error, {option, runtime_workers, {out_of_range, 0, 1, 64}}},
                  macula_dist_config:parse([{runtime_workers, "0"}])),
     ?assertEqual({error, {option, delivery_credit, {out_of_range, -5, 1, 1024}}},

@@ -59,7 +59,7 @@ impl Default for Settings {
             send_window: 16 << 20,
             send_queue_limit: 4 << 20,
             max_packet: 1 << 30,
-            max_udp_payload: 1452,
+            max_udp_payload: 6500,
             delivery_credit: 8,
             max_pending_handshakes: 64,
             congestion: Congestion::Bbr,
