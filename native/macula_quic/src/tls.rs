@@ -217,11 +217,10 @@ pub fn server_crypto(identity: &Identity) -> Result<quinn::crypto::rustls::QuicS
 
 /// Client side of the QUIC TLS configuration (zero-configuration mode).
 pub fn client_crypto() -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
-    let provider = provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SelfSignedPeer { provider }))
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier::self_signed()))
         .with_no_client_auth();
     finish_client(config)
 }
@@ -244,42 +243,54 @@ pub fn pki_server_crypto(
 }
 
 /// Client side in PKI mode: presents `identity`, and accepts a server whose chain leads
-/// to `roots` ([`ChainVerifier`]).
+/// to `roots` ([`ServerVerifier`]).
 pub fn pki_client_crypto(
     identity: &Identity,
     roots: Arc<RootCertStore>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsError> {
-    let provider = provider();
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ChainVerifier { roots, provider }))
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier::chained_to(roots)))
         .with_client_auth_cert(identity.chain.clone(), identity.clone_key())?;
     finish_client(config)
 }
 
-/// Verifies a server's certificate chain and validity period against the CA bundle, as
-/// webpki does for any TLS server, but not the name in it: every client asks for the
-/// fixed SNI [`SERVER_NAME`], and the certificate is bound to the node name above TLS
-/// (`verify_name`).
-pub struct ChainVerifier {
-    roots: Arc<RootCertStore>,
+/// Checks the server's certificate.
+///
+/// * PKI mode (`roots` set): the chain and validity period against the CA bundle, as
+///   webpki does for any TLS server, but not the name in it: every client asks for the
+///   fixed SNI [`SERVER_NAME`], and the certificate is bound to the node name above TLS
+///   (`verify_name`).
+/// * Zero-configuration mode: any well-formed certificate; the channel is bound to the
+///   cookie above TLS (`auth`).
+///
+/// In both modes the handshake signature is checked, so the peer proves it holds the key
+/// of the certificate it showed.
+pub struct ServerVerifier {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<CryptoProvider>,
 }
 
-impl ChainVerifier {
-    pub fn new(roots: Arc<RootCertStore>) -> ChainVerifier {
-        ChainVerifier { roots, provider: provider() }
+impl ServerVerifier {
+    /// PKI mode: chains must lead to `roots`.
+    pub fn chained_to(roots: Arc<RootCertStore>) -> ServerVerifier {
+        ServerVerifier { roots: Some(roots), provider: provider() }
+    }
+
+    /// Zero-configuration mode.
+    pub fn self_signed() -> ServerVerifier {
+        ServerVerifier { roots: None, provider: provider() }
     }
 }
 
-impl fmt::Debug for ChainVerifier {
+impl fmt::Debug for ServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ChainVerifier").field("roots", &self.roots.len()).finish()
+        f.debug_struct("ServerVerifier").field("roots", &self.roots.as_ref().map(|r| r.len())).finish()
     }
 }
 
-impl ServerCertVerifier for ChainVerifier {
+impl ServerCertVerifier for ServerVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -288,14 +299,16 @@ impl ServerCertVerifier for ChainVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let certificate = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &certificate,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let certificate = ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &certificate,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
@@ -361,48 +374,6 @@ pub fn peer_certificate(connection: &quinn::Connection) -> Option<CertificateDer
 pub fn peer_covers_host(connection: &quinn::Connection, host: &str) -> Result<bool, PeerNameError> {
     let certificate = peer_certificate(connection).ok_or(PeerNameError::NoCertificate)?;
     covers_host(&certificate, host)
-}
-
-/// Accepts any well-formed server certificate but still checks the handshake signature,
-/// so the peer proves it holds the key of the certificate it showed.
-#[derive(Debug)]
-struct SelfSignedPeer {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for SelfSignedPeer {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// Certificates and files for tests: CAs, node certificates, expired ones.
@@ -575,7 +546,7 @@ mod tests {
     fn server_verdict(roots: &Arc<RootCertStore>, pem: &str) -> Result<(), rustls::Error> {
         let chain = chain(pem);
         let name = ServerName::try_from(SERVER_NAME).unwrap();
-        ChainVerifier::new(roots.clone())
+        ServerVerifier::chained_to(roots.clone())
             .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
             .map(|_| ())
     }
@@ -615,7 +586,7 @@ mod tests {
         // A self-signed certificate (zero-configuration peer) likewise.
         let zero = Identity::ephemeral().unwrap();
         let name = ServerName::try_from(SERVER_NAME).unwrap();
-        assert!(ChainVerifier::new(roots)
+        assert!(ServerVerifier::chained_to(roots)
             .verify_server_cert(&zero.chain[0], &[], &name, &[], UnixTime::now())
             .is_err());
     }

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test helpers outside #[test] functions.
+
 //! Two endpoints on loopback, driven the way the NIF drives them, with events collected
 //! on channels instead of Erlang mailboxes.
 
