@@ -148,7 +148,7 @@ do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
                    end,
             HSData0 = macula_dist_ctrl:hs_data(Ctrl, Conn),
             HSData = HSData0#hs_data{
-                       f_recv = same_name(HSData0#hs_data.f_recv, Name, PeerAddr),
+                       f_recv = macula_dist_auth:bind_name(HSData0#hs_data.f_recv, Name, PeerAddr),
                        kernel_pid = Kernel,
                        this_node = MyNode,
                        timer = Timer,
@@ -156,30 +156,6 @@ do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
             dist_util:handshake_other_started(HSData)
     after SetupTime ->
             ?shutdown(no_node)
-    end.
-
-%% The peer must give dist_util the node name it authenticated as (cookie proof and,
-%% with verify_name, certificate): its first handshake message ('N', send_name) is
-%% checked against that name before dist_util sees it.
-same_name(Recv, Name, PeerAddr) ->
-    fun(Socket, Length, Timeout) ->
-            case Recv(Socket, Length, Timeout) of
-                {ok, [$N, _, _, _, _, _, _, _, _, _, _, _, _, L1, L0 | Rest]} = Ok ->
-                    NameLen = L1 * 256 + L0,
-                    case NameLen =< length(Rest)
-                        andalso list_to_binary(lists:sublist(Rest, NameLen)) =:= Name of
-                        true ->
-                            Ok;
-                        false ->
-                            {Ip, Port} = PeerAddr,
-                            ?LOG_WARNING("macula_dist: refused connection from ~ts:~b: "
-                                         "authenticated as ~ts, handshake names another node",
-                                         [inet:ntoa(Ip), Port, Name]),
-                            {error, {node_name_differs_from_authenticated, Name}}
-                    end;
-                Other ->
-                    Other
-            end
     end.
 
 %% Returns at once; the spawned owner connects, then runs the handshake.

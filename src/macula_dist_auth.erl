@@ -19,7 +19,7 @@
 %%% handshake to that same name.)
 -module(macula_dist_auth).
 
--export([initiate/3, respond/2]).
+-export([initiate/3, respond/2, bind_name/3]).
 
 -include_lib("kernel/include/logger.hrl").
 
@@ -56,6 +56,32 @@ respond(Conn, PeerAddr) ->
                        end
                end,
     outcome(Conn, {address, PeerAddr}, run(Exchange)).
+
+%% @doc The peer must give dist_util the node name it authenticated as (cookie proof and,
+%% with verify_name, certificate): its first handshake message ('N', send_name) is
+%% checked against that name before dist_util sees it.
+-spec bind_name(fun((term(), 0, infinity) -> {ok, string()} | {error, term()}), binary(),
+                {inet:ip_address(), inet:port_number()}) -> fun().
+bind_name(Recv, Name, PeerAddr) ->
+    fun(Socket, Length, Timeout) ->
+            case Recv(Socket, Length, Timeout) of
+                {ok, [$N, _, _, _, _, _, _, _, _, _, _, _, _, L1, L0 | Rest]} = Ok ->
+                    NameLen = L1 * 256 + L0,
+                    case NameLen =< length(Rest)
+                        andalso list_to_binary(lists:sublist(Rest, NameLen)) =:= Name of
+                        true ->
+                            Ok;
+                        false ->
+                            {Ip, Port} = PeerAddr,
+                            ?LOG_WARNING("macula_dist: refused connection from ~ts:~b: "
+                                         "authenticated as ~ts, handshake names another node",
+                                         [inet:ntoa(Ip), Port, Name]),
+                            {error, {node_name_differs_from_authenticated, Name}}
+                    end;
+                Other ->
+                    Other
+            end
+    end.
 
 respond(Conn, Name, Proof) ->
     case macula_dist_name:split(binary_to_list(Name)) of
