@@ -36,7 +36,7 @@
          {delivery_credit, 8, {integer, 1, 1024}},
          {max_pending_handshakes, 64, {integer, 1, 100000}},
          {runtime_workers, 1, {integer, 1, 64}},
-         {congestion, bbr, {one_of, [bbr, cubic, new_reno]}},
+         {congestion, cubic, {one_of, [cubic, bbr, new_reno]}},
          %% PKI mode: PEM files, all three or none.
          {certfile, undefined, file},
          {keyfile, undefined, file},

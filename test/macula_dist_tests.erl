@@ -116,7 +116,7 @@ defaults_test() ->
                    delivery_credit => 8,
                    max_pending_handshakes => 64,
                    runtime_workers => 1,
-                   congestion => bbr,
+                   congestion => cubic,
                    certfile => undefined,
                    keyfile => undefined,
                    cacertfile => undefined,
@@ -124,7 +124,7 @@ defaults_test() ->
                  macula_dist_config:defaults()).
 
 congestion_option_test_() ->
-    [?_assertMatch({ok, #{congestion := cubic}}, macula_dist_config:parse([{"congestion", "cubic"}])),
+    [?_assertMatch({ok, #{congestion := bbr}}, macula_dist_config:parse([{"congestion", "bbr"}])),
      ?_assertMatch({ok, #{congestion := new_reno}}, macula_dist_config:parse([{congestion, new_reno}])),
      ?_assertMatch({error, {option, congestion, {not_one_of, "vegas", _}}},
                    macula_dist_config:parse([{"congestion", "vegas"}]))].

@@ -11,10 +11,10 @@ use crate::tls::PkiFiles;
 /// The congestion controller of every connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Congestion {
-    /// Model-based: does not read random loss as congestion, and does not fill the
-    /// receiver's socket buffer to find the bandwidth (the default).
+    /// Model-based: does not read random loss as congestion. quinn's implementation
+    /// recovers slowly (seconds) after a peer was frozen for tens of seconds.
     Bbr,
-    /// Loss-based, quinn's default.
+    /// Loss-based, quinn's default and ours.
     Cubic,
     /// Loss-based, the RFC 9002 reference.
     NewReno,
@@ -62,7 +62,7 @@ impl Default for Settings {
             max_udp_payload: 6500,
             delivery_credit: 8,
             max_pending_handshakes: 64,
-            congestion: Congestion::Bbr,
+            congestion: Congestion::Cubic,
             pki: None,
         }
     }
