@@ -3,6 +3,8 @@
 %%% The test node itself is not distributed: every node is started with OTP 25's
 %%% `peer' over a TCP control connection (`connection => 0'), so code runs on a node
 %%% through {@link call/5} / {@link run/3} without any distribution on this side.
+%%% Nodes inside a network namespace ({@link start_netns/4}) use their stdio as the
+%%% control connection instead (`connection => standard_io').
 %%%
 %%% A node is a map `#{peer, node, port, os_pid}'. Every started node is remembered by
 %%% a small tracker process, so {@link stop_all/0} (called from `end_per_testcase',
@@ -18,6 +20,8 @@
 -export([start/2, start/3, stop/1, stop_all/0, os_pid/1, kill/1, is_os_alive/1,
          call/4, call/5, run/2, run/3, wait_until/2, wait_until/3,
          snapshot/1, ebin_dir/0, test_dir/0, cookie/0]).
+%% Test-node side, added for the resilience and network-namespace suites
+-export([start_netns/4, cast/4, signal/2]).
 %% Node side (called through call/5)
 -export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
          spawn_idle/0, idle/0]).
@@ -119,9 +123,60 @@ is_os_alive(OsPid) ->
             false
     end.
 
+%% @doc Starts `Port@Host' inside the network namespace `Netns' (`ip netns exec Netns
+%% erl ...'), with the same arguments as start/3 plus `ExtraArgs'. The control
+%% connection is the node's stdio (`connection => standard_io'): peer's default TCP
+%% connection back to this node's 127.0.0.1 cannot leave the namespace. The node is
+%% tracked, so stop_all/0 stops it. Opts as for start/3.
+-spec start_netns(string(), inet:port_number(), [string()], map()) -> tnode().
+start_netns(Netns, Port, ExtraArgs, Opts) ->
+    Host = maps:get(host, Opts, "127.0.0.1"),
+    Cookie = maps:get(cookie, Opts, ?COOKIE),
+    Name = integer_to_list(Port),
+    Erl = case os:find_executable("erl") of
+              false -> error({no_erl_on_path, os:getenv("PATH")});
+              E -> E
+          end,
+    Ip = case os:find_executable("ip") of
+             false -> "/usr/sbin/ip";
+             I -> I
+         end,
+    Args = ["-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
+            "-setcookie", Cookie,
+            "-pa", ebin_dir(), "-pa", test_dir(),
+            "-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
+    PeerOpts = #{name => Name, host => Host, longnames => true,
+                 connection => standard_io,
+                 exec => {Ip, ["netns", "exec", Netns, Erl]},
+                 args => Args, wait_boot => 20000},
+    case peer:start(PeerOpts) of
+        {ok, Peer, Node} ->
+            OsPid = list_to_integer(peer:call(Peer, os, getpid, [], ?CALL_TIMEOUT)),
+            TNode = #{peer => Peer, node => Node, port => Port, os_pid => OsPid},
+            track(TNode),
+            TNode;
+        {error, Reason} ->
+            error({node_start_failed, Name ++ "@" ++ Host, {netns, Netns}, Reason,
+                   {command_line, Ip ++ " netns exec " ++ Netns ++ " " ++ Erl
+                                  ++ " -name " ++ Name ++ "@" ++ Host ++ " "
+                                  ++ lists:join(" ", Args)}})
+    end.
+
+%% @doc Sends a signal to the node's OS process (`kill -SIG pid'): "STOP", "CONT", ...
+-spec signal(tnode(), string()) -> ok.
+signal(#{os_pid := OsPid}, Sig) ->
+    _ = os:cmd("kill -" ++ Sig ++ " " ++ integer_to_list(OsPid)),
+    ok.
+
 %%% ------------------------------------------------------------------------------------
 %%% Running code on nodes
 %%% ------------------------------------------------------------------------------------
+
+%% @doc Applies M:F(A) on the node without waiting for a reply (peer:cast): for calls
+%% that never return, such as erlang:halt/0.
+-spec cast(tnode(), module(), atom(), [term()]) -> ok.
+cast(#{peer := Peer}, M, F, A) ->
+    peer:cast(Peer, M, F, A).
 
 -spec call(tnode(), module(), atom(), [term()]) -> term().
 call(TNode, M, F, A) ->

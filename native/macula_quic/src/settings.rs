@@ -24,8 +24,8 @@ pub enum Congestion {
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// `net_ticktime` at start. Liveness is judged by `dist_util`'s ticks (which follow
-    /// `net_kernel:set_net_ticktime/1`); the QUIC idle timeout is only a backstop at
-    /// [`IDLE_TIMEOUT_FACTOR`] times it, so a later, longer tick time is honoured too.
+    /// `net_kernel:set_net_ticktime/1`); the QUIC idle timeout is only a backstop (see
+    /// [`Settings::idle_timeout`]), so a later, longer tick time is honoured too.
     pub tick_time: Duration,
     /// `net_setuptime`: the longest a QUIC + TLS handshake may take.
     pub handshake_timeout: Duration,
@@ -68,15 +68,17 @@ impl Default for Settings {
     }
 }
 
-/// The QUIC idle timeout is this many times the tick time.
-pub const IDLE_TIMEOUT_FACTOR: u32 = 4;
+/// The QUIC idle timeout is at least this many times the boot-time tick time...
+const IDLE_TIMEOUT_FACTOR: u32 = 4;
+/// ...and at least this long, so `net_kernel:set_net_ticktime/1` can raise the tick time
+/// well beyond its boot value without QUIC giving up on a silent peer first.
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Settings {
     /// QUIC transport parameters for every connection of an endpoint.
     pub fn transport(&self) -> Arc<TransportConfig> {
         let mut transport = TransportConfig::default();
-        let idle =
-            IdleTimeout::try_from(self.tick_time * IDLE_TIMEOUT_FACTOR).unwrap_or(IdleTimeout::from(VarInt::MAX));
+        let idle = IdleTimeout::try_from(self.idle_timeout()).unwrap_or(IdleTimeout::from(VarInt::MAX));
         transport
             .max_idle_timeout(Some(idle))
             // Keeps NAT bindings fresh and the path validated between ticks.
@@ -99,6 +101,11 @@ impl Settings {
         mtu.upper_bound(self.max_udp_payload.max(1200));
         transport.mtu_discovery_config(Some(mtu));
         Arc::new(transport)
+    }
+
+    /// The QUIC idle timeout: a backstop only, ticks detect dead peers first.
+    pub fn idle_timeout(&self) -> Duration {
+        (self.tick_time * IDLE_TIMEOUT_FACTOR).max(MIN_IDLE_TIMEOUT)
     }
 
     /// Idle time before a QUIC keep-alive.
