@@ -174,7 +174,12 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
     ok = macula_dist_nif:connect(endpoint(), unicode:characters_to_binary(Host), Port, self()),
     Conn = receive
                {macula_connect, {ok, C}} -> C;
-               {macula_connect, {error, Why}} -> ?shutdown2(Node, Why)
+               {macula_connect, {error, {tls, _} = Why}} ->
+                   %% Certificates refused (PKI mode), by either side: say so.
+                   ?LOG_WARNING("macula_dist: refused connection to ~ts: ~tp", [Node, Why]),
+                   ?shutdown2(Node, Why);
+               {macula_connect, {error, Why}} ->
+                   ?shutdown2(Node, Why)
            end,
     dist_util:reset_timer(Timer),
     Ctrl = macula_dist_ctrl:start_linked(Conn),

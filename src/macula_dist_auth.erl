@@ -34,7 +34,7 @@ initiate(Conn, MyNode, Node) ->
                        ok = unwrap(check_certificate_name(Conn, Node)),
                        Proof = unwrap(macula_dist_nif:auth_proof(Conn, Cookie, initiator, Name)),
                        ok = unwrap(macula_dist_nif:send_handshake(Conn, [$A, <<(byte_size(Name)):16>>, Name, Proof])),
-                       case unwrap(recv(Conn)) of
+                       case unwrap(macula_dist_ctrl:recv_message(Conn)) of
                            <<$a, Answer:?PROOF_LEN/binary>> ->
                                check(macula_dist_nif:auth_verify(Conn, Cookie, acceptor, Name, Answer));
                            Other ->
@@ -48,7 +48,7 @@ initiate(Conn, MyNode, Node) ->
 -spec respond(macula_dist_nif:conn(), {inet:ip_address(), inet:port_number()}) -> {ok, binary()} | {error, term()}.
 respond(Conn, PeerAddr) ->
     Exchange = fun() ->
-                       case unwrap(recv(Conn)) of
+                       case unwrap(macula_dist_ctrl:recv_message(Conn)) of
                            <<$A, Len:16, Name:Len/binary, Proof:?PROOF_LEN/binary>> ->
                                respond(Conn, Name, Proof);
                            Other ->
@@ -161,16 +161,6 @@ unwrap({error, _} = Error) -> throw({?MODULE, Error}).
 check(true) -> ok;
 check(false) -> {error, wrong_cookie};
 check({error, _} = Error) -> Error.
-
-recv(Conn) ->
-    case macula_dist_nif:recv_handshake(Conn) of
-        ok ->
-            receive
-                {macula_handshake, Message} -> {ok, Message};
-                {macula_closed, Reason} -> {error, Reason}
-            end;
-        {error, _} = Error -> Error
-    end.
 
 %% A name that is not an atom yet cannot have a per-node cookie; no atom is made for
 %% an unauthenticated peer.

@@ -20,7 +20,7 @@
 %%% reason, as net_kernel and OTP's tests expect.
 -module(macula_dist_ctrl).
 
--export([start_linked/1, start_unowned/1, hand_over/2, hs_data/2, info/1]).
+-export([start_linked/1, start_unowned/1, hand_over/2, hs_data/2, recv_message/1, info/1]).
 -export([check_opts/1, get_opts/2]).
 
 -include_lib("kernel/include/net_address.hrl").
@@ -118,10 +118,20 @@ hs_data(Ctrl, Conn) ->
 
 %% dist_util wants one whole handshake message, as a list.
 recv_handshake(Conn) ->
+    case recv_message(Conn) of
+        {ok, Message} -> {ok, binary_to_list(Message)};
+        {error, _} = Error -> Error
+    end.
+
+%% @doc The next control-stream message (cookie proof or handshake), for the owner.
+%% A connection that closes meanwhile is reported by the controller as
+%% `{macula_closed, Reason}'.
+-spec recv_message(macula_dist_nif:conn()) -> {ok, binary()} | {error, term()}.
+recv_message(Conn) ->
     case macula_dist_nif:recv_handshake(Conn) of
         ok ->
             receive
-                {macula_handshake, Message} -> {ok, binary_to_list(Message)};
+                {macula_handshake, Message} -> {ok, Message};
                 {macula_closed, Reason} -> {error, Reason}
             end;
         {error, _} = Error ->

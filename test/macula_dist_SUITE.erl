@@ -25,7 +25,7 @@
          init_stop_gives_nodedown/1, disconnect_and_reconnect/1,
          simultaneous_connect/1, three_nodes_global_and_pg/1, wrong_cookie/1,
          hidden_node/1, node_info_and_opts/1, ipv6/1, malformed_node_names/1,
-         unreachable_port/1]).
+         unreachable_port/1, embedded_mode_boot/1]).
 
 -define(P, macula_test_peer).
 -define(PORT_RANGE, {20000, 29799}).
@@ -43,7 +43,7 @@ all() ->
      monitors_see_node_death, kill_gives_nodedown, init_stop_gives_nodedown,
      disconnect_and_reconnect, simultaneous_connect, three_nodes_global_and_pg,
      wrong_cookie, hidden_node, node_info_and_opts, ipv6, malformed_node_names,
-     unreachable_port].
+     unreachable_port, embedded_mode_boot].
 
 %% The nodes run a copy of the build (see macula_test_peer:snapshot/1): a rebuild of
 %% the checkout during the run rewrites the NIF library in place, which crashes every
@@ -690,6 +690,34 @@ unreachable_port(Config) ->
     ?assert(Ms < 8000),
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
     {comment, io_lib:format("pang after ~b ms", [Ms])}.
+
+%% Shows: a node booted in embedded mode from a boot script, as a release is, starts
+%% macula distribution at boot (the NIF is loaded by listen/2, not by an on_load that
+%% would run only after distribution started) and reaches another node.
+embedded_mode_boot(Config) ->
+    [B] = start_nodes(Config, 1),
+    Dir = ?config(priv_dir, Config),
+    Vsn = fun(App) ->
+                  _ = application:load(App),
+                  {ok, V} = application:get_key(App, vsn),
+                  V
+          end,
+    Rel = {release, {"macula_embedded", "1"}, {erts, erlang:system_info(version)},
+           [{App, Vsn(App)} || App <- [kernel, stdlib, macula_dist]]},
+    Base = filename:join(Dir, "macula_embedded"),
+    ok = file:write_file(Base ++ ".rel", io_lib:format("~p.~n", [Rel])),
+    ok = systools:make_script(Base, [{path, [?P:ebin_dir()]}, {outdir, Dir}, local]),
+    Name = integer_to_list(port(Config, 2)) ++ "@127.0.0.1",
+    Eval = io_lib:format("io:format(\"result ~~p ~~p ~~p~~n\", [code:get_mode(), "
+                         "code:is_loaded(macula_dist_nif) =/= false, net_adm:ping(list_to_atom(\"~s\"))]), halt().",
+                         [node_of(B)]),
+    Cmd = lists:flatten(["timeout 30 erl -boot ", Base, " -mode embedded -proto_dist macula -no_epmd ",
+                         "-start_epmd false -name ", Name, " -setcookie ", atom_to_list(?P:cookie()),
+                         " -noshell -eval '", Eval, "' 2>&1"]),
+    Out = os:cmd(Cmd),
+    ct:pal("~ts~n~ts", [Cmd, Out]),
+    ?assertMatch({match, _}, re:run(Out, "result embedded true pong")),
+    ok.
 
 %%% ------------------------------------------------------------------------------------
 %%% Helpers

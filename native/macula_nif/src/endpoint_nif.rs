@@ -132,7 +132,10 @@ fn connect(
                 }
                 reply(&|env| (atoms::ok(), resource.clone()).encode(env));
             }
-            Err(e) => reply(&|env| terms::error(env, atoms::connect(), &e.to_string())),
+            Err(e) => {
+                let kind = if e.is_tls_refusal() { atoms::tls() } else { atoms::connect() };
+                reply(&|env| terms::error(env, kind, &e.to_string()))
+            }
         }
     });
     Ok(atoms::ok())

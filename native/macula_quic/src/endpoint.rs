@@ -35,6 +35,20 @@ pub enum ConnectError {
     TimedOut,
 }
 
+impl ConnectError {
+    /// True when the TLS handshake failed: this side did not trust the peer's
+    /// certificate, or the peer did not trust ours (TLS alerts travel as QUIC
+    /// CRYPTO_ERROR codes 0x100-0x1ff).
+    pub fn is_tls_refusal(&self) -> bool {
+        let code = match self {
+            ConnectError::Connection(quinn::ConnectionError::TransportError(e)) => e.code,
+            ConnectError::Connection(quinn::ConnectionError::ConnectionClosed(close)) => close.error_code,
+            _ => return false,
+        };
+        (0x100..=0x1ff).contains(&u64::from(code))
+    }
+}
+
 /// Why an incoming connection was not accepted.
 #[derive(Debug, Error)]
 pub enum AcceptError {
