@@ -129,7 +129,9 @@ recv_handshake(Conn) ->
 -spec recv_message(macula_dist_nif:conn()) -> {ok, binary()} | {error, term()}.
 recv_message(Conn) ->
     case macula_dist_nif:recv_handshake(Conn) of
-        ok ->
+        {ok, Message} ->
+            {ok, Message};
+        wait ->
             receive
                 {macula_handshake, Message} -> {ok, Message};
                 {macula_closed, Reason} -> {error, Reason}

@@ -87,7 +87,9 @@ set_owner(_Conn, _Owner) -> ?NOT_LOADED.
 -spec send_handshake(conn(), iodata()) -> ok | {error, closed | handshake_over | too_large}.
 send_handshake(_Conn, _Message) -> ?NOT_LOADED.
 
--spec recv_handshake(conn()) -> ok | {error, closed}.
+%% A message already received is returned at once; otherwise `wait', and the next one
+%% comes as `{macula_handshake, Binary}'.
+-spec recv_handshake(conn()) -> {ok, binary()} | wait | {error, closed}.
 recv_handshake(_Conn) -> ?NOT_LOADED.
 
 %% This side's cookie proof for the connection's TLS session (see macula_dist_auth).

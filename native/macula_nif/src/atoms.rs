@@ -4,6 +4,7 @@ rustler::atoms! {
     ok,
     error,
     busy,
+    wait,
     closed,
     handshake_over,
     too_large,

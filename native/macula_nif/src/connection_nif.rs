@@ -79,11 +79,16 @@ fn send_handshake<'a>(env: Env<'a>, conn: Conn, message: Term<'a>) -> NifResult<
     Ok(ok_or_error(env, conn.conn.send_handshake(&message)))
 }
 
-/// Asks for the next handshake message; it arrives as `{macula_handshake, Binary}`.
+/// The next handshake message: `{ok, Binary}` if it has arrived, else `wait` and it
+/// comes as `{macula_handshake, Binary}`.
 #[rustler::nif]
 fn recv_handshake(env: Env, conn: Conn) -> Term {
     events::set(&conn.conn.events().handshake_reader, env.pid());
-    ok_or_error(env, conn.conn.request_handshake_frame())
+    match conn.conn.take_handshake_frame() {
+        Ok(Some(frame)) => (atoms::ok(), terms::bytes(env, &frame)).encode(env),
+        Ok(None) => atoms::wait().encode(env),
+        Err(e) => error_term(env, e),
+    }
 }
 
 /// Ends the handshake: data packets now flow to `input` as `{macula_data, [Packet]}`.

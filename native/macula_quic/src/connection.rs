@@ -152,7 +152,8 @@ pub struct Connection<E: Events> {
     initiator: bool,
     control_out: ControlOut,
     data_out: SendQueue,
-    handshake_credit: Semaphore,
+    handshake_in: Mutex<HandshakeInbox>,
+    handshake_space: Notify,
     data_credit: Semaphore,
     activated: AtomicBool,
     activate: Notify,
@@ -174,7 +175,8 @@ impl<E: Events> Connection<E> {
             initiator,
             control_out: ControlOut::default(),
             data_out: SendQueue::default(),
-            handshake_credit: Semaphore::new(0),
+            handshake_in: Mutex::new(HandshakeInbox::default()),
+            handshake_space: Notify::new(),
             data_credit: Semaphore::new(0),
             activated: AtomicBool::new(false),
             activate: Notify::new(),
@@ -208,22 +210,38 @@ impl<E: Events> Connection<E> {
         Ok(())
     }
 
-    /// Allows one more handshake message to be delivered through [`Events::handshake_frame`].
-    pub fn request_handshake_frame(&self) -> Result<(), ConnError> {
+    /// The next handshake message, if one has arrived; otherwise the next one to arrive
+    /// is delivered through [`Events::handshake_frame`]. Taking a waiting message here,
+    /// in the caller's thread, saves a message hop per handshake step.
+    pub fn take_handshake_frame(&self) -> Result<Option<Vec<u8>>, ConnError> {
         self.check_open()?;
-        self.handshake_credit.add_permits(1);
-        Ok(())
+        let mut inbox = lock(&self.handshake_in);
+        match inbox.frames.pop_front() {
+            Some(frame) => {
+                drop(inbox);
+                self.handshake_space.notify_one();
+                Ok(Some(frame))
+            }
+            None => {
+                inbox.waiting = true;
+                Ok(None)
+            }
+        }
     }
 
     /// Ends the handshake phase: data stream reading starts with `credit` messages of
     /// delivery credit, and non-empty control frames become protocol violations.
     pub fn activate(&self) -> Result<(), ConnError> {
         self.check_open()?;
+        if !lock(&self.handshake_in).frames.is_empty() {
+            self.violation("handshake message after the handshake".into());
+            return Err(ConnError::Closed);
+        }
         if !self.activated.swap(true, Ordering::AcqRel) {
             self.data_credit.add_permits(self.settings.delivery_credit);
             self.activate.notify_one();
-            // Wakes a control reader holding an unrequested message: it is a violation now.
-            self.handshake_credit.add_permits(1);
+            // Wakes a control reader waiting for inbox room: its message is a violation now.
+            self.handshake_space.notify_one();
         }
         Ok(())
     }
@@ -354,7 +372,7 @@ impl<E: Events> Connection<E> {
         let error = self.quic.closed().await;
         let reason = self.close_reason.get_or_init(|| CloseReason::from_quic(&error)).clone();
         // Wake every task parked on a semaphore or notification so it can exit.
-        self.handshake_credit.close();
+        self.handshake_space.notify_one();
         self.data_credit.close();
         self.activate.notify_one();
         self.events.closed(&reason);
@@ -404,17 +422,38 @@ impl<E: Events> Connection<E> {
             }
             for frame in frames.drain(..) {
                 let Frame::Packet(message) = frame else { continue };
-                if self.activated.load(Ordering::Acquire) {
-                    return self.violation("handshake message after the handshake".into());
+                if !self.file_handshake_frame(message).await {
+                    return;
                 }
-                match self.handshake_credit.acquire().await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => return,
+            }
+        }
+    }
+
+    /// Hands a handshake message to a waiting owner, or keeps it (at most
+    /// [`HANDSHAKE_INBOX`] of them; then the stream is not read further until one is
+    /// taken). False when the connection is over.
+    async fn file_handshake_frame(&self, message: Vec<u8>) -> bool {
+        loop {
+            if self.activated.load(Ordering::Acquire) {
+                self.violation("handshake message after the handshake".into());
+                return false;
+            }
+            {
+                let mut inbox = lock(&self.handshake_in);
+                if inbox.waiting {
+                    inbox.waiting = false;
+                    drop(inbox);
+                    self.events.handshake_frame(message);
+                    return true;
                 }
-                if self.activated.load(Ordering::Acquire) {
-                    return self.violation("handshake message after the handshake".into());
+                if inbox.frames.len() < HANDSHAKE_INBOX {
+                    inbox.frames.push_back(message);
+                    return true;
                 }
-                self.events.handshake_frame(message);
+            }
+            tokio::select! {
+                _ = self.handshake_space.notified() => {}
+                _ = self.quic.closed() => return false,
             }
         }
     }
@@ -505,6 +544,17 @@ impl<E: Events> Connection<E> {
             }
         }
     }
+}
+
+/// Handshake messages kept for the owner before the control stream is read no further.
+const HANDSHAKE_INBOX: usize = 4;
+
+/// Handshake messages that arrived before the owner asked for them.
+#[derive(Default)]
+struct HandshakeInbox {
+    frames: VecDeque<Vec<u8>>,
+    /// The owner asked and found nothing: the next message goes to it as an event.
+    waiting: bool,
 }
 
 /// Largest pending delivery, in stream bytes, before reading pauses for credit.

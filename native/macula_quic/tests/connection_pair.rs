@@ -79,6 +79,27 @@ async fn next(rx: &mut UnboundedReceiver<Event>) -> Event {
     tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("event in time").expect("channel open")
 }
 
+/// The next handshake message: taken at once if it is there, else awaited as an event.
+async fn take(conn: &Connection<ChannelEvents>, rx: &mut UnboundedReceiver<Event>) -> Vec<u8> {
+    match conn.take_handshake_frame().unwrap() {
+        Some(frame) => frame,
+        None => match next(rx).await {
+            Event::Handshake(frame) => frame,
+            other => panic!("unexpected {other:?}"),
+        },
+    }
+}
+
+#[tokio::test]
+async fn unconsumed_handshake_message_fails_activation() {
+    let ((client, _crx), (server, mut server_rx), _c, _s) = pair().await;
+    take(&server, &mut server_rx).await;
+    client.send_handshake(b"extra").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(server.activate().is_err());
+    assert!(matches!(next(&mut server_rx).await, Event::Closed(CloseReason::ProtocolViolation(_))));
+}
+
 fn framed(packets: &[&[u8]]) -> Vec<Bytes> {
     let mut out = Vec::new();
     for p in packets {
@@ -91,11 +112,9 @@ fn framed(packets: &[&[u8]]) -> Vec<Bytes> {
 #[tokio::test]
 async fn handshake_frames_then_data_in_order() {
     let ((client, mut client_rx), (server, mut server_rx), _c, _s) = pair().await;
-    server.request_handshake_frame().unwrap();
-    assert!(matches!(next(&mut server_rx).await, Event::Handshake(f) if f == b"hello"));
+    assert_eq!(take(&server, &mut server_rx).await, b"hello");
     server.send_handshake(b"sok").unwrap();
-    client.request_handshake_frame().unwrap();
-    assert!(matches!(next(&mut client_rx).await, Event::Handshake(f) if f == b"sok"));
+    assert_eq!(take(&client, &mut client_rx).await, b"sok");
 
     // Data sent before the receiver is activated waits in QUIC's buffers.
     client.send_data(framed(&[b"one", b"two"]), 2).unwrap();
@@ -135,8 +154,7 @@ async fn cookie_proofs_agree_only_on_the_same_session() {
 #[tokio::test]
 async fn oversized_data_frame_closes_only_that_connection() {
     let ((client, mut client_rx), (server, mut server_rx), _c, _s) = pair().await;
-    server.request_handshake_frame().unwrap();
-    assert!(matches!(next(&mut server_rx).await, Event::Handshake(_)));
+    take(&server, &mut server_rx).await;
     server.activate().unwrap();
     client.send_data(vec![Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])], 1).unwrap();
     // The default limit is 1 GiB: 4 GiB - 1 is refused as soon as the header arrives.
@@ -155,7 +173,6 @@ async fn graceful_close_delivers_the_last_handshake_frame() {
     let ((client, mut client_rx), (server, _srx), _c, _s) = pair().await;
     server.send_handshake(b"snok").unwrap();
     server.close_gracefully();
-    client.request_handshake_frame().unwrap();
-    assert!(matches!(next(&mut client_rx).await, Event::Handshake(f) if f == b"snok"));
+    assert_eq!(take(&client, &mut client_rx).await, b"snok");
     assert!(matches!(next(&mut client_rx).await, Event::Closed(CloseReason::PeerClosed)));
 }
