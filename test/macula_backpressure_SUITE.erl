@@ -100,7 +100,7 @@ init_per_suite(Config) ->
     end,
     Snapshot = ?P:snapshot(?config(priv_dir, Config)),
     ct:pal("nodes run the copy in: ~ts", [filename:dirname(Snapshot)]),
-    Base = port_base(10 * (length(all()) + 1)),
+    Base = ?P:port_base(10 * (length(all()) + 1), ?PORT_RANGE),
     ct:pal("UDP ports of this run: ~b..~b", [Base, Base + 10 * (length(all()) + 1) - 1]),
     [{port_base, Base} | Config].
 
@@ -139,7 +139,7 @@ frozen_receiver(Config) ->
     ct:timetrap({seconds, FreezeS + 300}),
     Args = ["-kernel", "net_ticktime", "120"],
     [A, B] = start_nodes(Config, 2, Args),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     [?assertEqual(120, ?P:call(N, net_kernel, get_net_ticktime, [])) || N <- [A, B]],
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
@@ -274,7 +274,7 @@ frozen_receiver(Config) ->
 %% in order.
 slow_receiver(Config) ->
     [A, B] = start_nodes(Config, 2, []),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
@@ -348,7 +348,7 @@ stalled_input_handler(Config) ->
                    T -> T
                end,
     [A, B] = start_nodes(Config, 2, ["-kernel", "net_ticktime", TickTime]),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
@@ -553,7 +553,7 @@ conn_procs(TNode, Peer) ->
                    #{ctrl => Ctrl, input => Input, owner => Owner}
            end,
     Procs = ?P:run(TNode, fun() -> retry(Find, 50) end),
-    ct:log("connection processes on ~p: ~p", [node_of(TNode), Procs]),
+    ct:log("connection processes on ~p: ~p", [?P:node_of(TNode), Procs]),
     Procs.
 
 conn_ctrl(TNode, Peer) ->
@@ -858,51 +858,16 @@ stop_staller() ->
 %%% Helpers (as in macula_dist_SUITE)
 %%% ------------------------------------------------------------------------------------
 
-port_base(Count) ->
-    case os:getenv("MACULA_TEST_PORT_BASE") of
-        false -> random_port_base(Count, 20);
-        Text -> list_to_integer(Text)
-    end.
-
-random_port_base(_Count, 0) ->
-    ct:fail(no_free_udp_port_block);
-random_port_base(Count, Tries) ->
-    {Lo, Hi} = ?PORT_RANGE,
-    Base = Lo + 200 * rand:uniform((Hi - Lo) div 200) - 200,
-    case lists:all(fun udp_port_free/1, lists:seq(Base, Base + Count - 1)) of
-        true -> Base;
-        false -> random_port_base(Count, Tries - 1)
-    end.
-
-udp_port_free(Port) ->
-    case gen_udp:open(Port, [{ip, {0, 0, 0, 0}}]) of
-        {ok, S} -> gen_udp:close(S), true;
-        {error, _} -> false
-    end.
-
 port(Config, K) when K >= 1, K =< 9 ->
     ?config(base_port, Config) + K.
 
 start_nodes(Config, N, Args) ->
-    parallel([fun() -> ?P:start(port(Config, K), Args) end || K <- lists:seq(1, N)]).
-
-node_of(#{node := Node}) ->
-    Node.
+    ?P:parallel([fun() -> ?P:start(port(Config, K), Args) end || K <- lists:seq(1, N)]).
 
 wait_nodes(TNode, Expected) ->
     Want = lists:sort(Expected),
     case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
         ok -> ok;
-        timeout -> {nodes_not, Want, on, node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
+        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
     end.
 
-parallel(Funs) ->
-    Self = self(),
-    Pids = [spawn(fun() ->
-                          Self ! {self(), try {ok, F()} catch C:R:S -> {raise, C, R, S} end}
-                  end) || F <- Funs],
-    Results = [receive {P, Res} -> Res end || P <- Pids],
-    [case Res of
-         {ok, V} -> V;
-         {raise, C, R, S} -> erlang:raise(C, R, S)
-     end || Res <- Results].

@@ -58,7 +58,7 @@ init_per_suite(Config) ->
     Snapshot = ?P:snapshot(?config(priv_dir, Config)),
     ct:pal("macula_dist ebin: ~ts~nNIF: ~ts~nnodes run the copy in: ~ts~ntest modules: ~ts",
            [Ebin, Nif, filename:dirname(Snapshot), ?P:test_dir()]),
-    Base = port_base(10 * (length(all()) + 1)),
+    Base = ?P:port_base(10 * (length(all()) + 1), ?PORT_RANGE),
     ct:pal("UDP ports of this run: ~b..~b", [Base, Base + 10 * (length(all()) + 1) - 1]),
     [{port_base, Base} | Config].
 
@@ -82,7 +82,7 @@ index(X, [_ | T]) -> 1 + index(X, T).
 %% is controlled by a process (not a port).
 ping(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
     ?assertEqual(pong, ?P:call(B, net_adm, ping, [NA])),
     ok = wait_nodes(A, [NB]),
@@ -97,7 +97,7 @@ ping(Config) ->
 %% 2 MB argument and a nested call back.
 erpc_round_trip(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     Results = ?P:run(A, fun() ->
                                 Bin = rand:bytes(1 bsl 20),
                                 {erpc:call(NB, erlang, node, []),
@@ -118,7 +118,7 @@ erpc_round_trip(Config) ->
 %% (erlang:md5 computed on each side).
 big_binary(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     Size = 100 * 1024 * 1024,
     {LocalMd5, RemoteMd5, RemoteSize, Ms} =
         ?P:run(A, fun() ->
@@ -150,7 +150,7 @@ md5_receiver(From) ->
 %% without duplicates.
 many_small_messages(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     N = 100000,
     Result = ?P:run(A, fun() ->
                                Self = self(),
@@ -194,7 +194,7 @@ seq_receiver(From, I, N) ->
 %% kill gives killed, monitors see the reason, dead pids give noproc.
 links_and_monitors(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     pong = ?P:call(A, net_adm, ping, [NB]),
     Results = ?P:run(A, fun() -> link_monitor_checks(NB) end),
     ?assertEqual([{remote_exit_reaches_link, remote_reason},
@@ -304,7 +304,7 @@ receive_match_loop(Match, Deadline) ->
 %% node's processes give noconnection at once.
 monitors_see_node_death(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = ?P:run(A, fun() ->
                            Parent = self(),
@@ -317,7 +317,7 @@ monitors_see_node_death(Config) ->
                                macula_test_observer ! {get, self()},
                                receive {observed, R} -> R after 40000 -> timeout end
                        end, 45000),
-    ct:pal("observed on ~p: ~p", [node_of(A), Result]),
+    ct:pal("observed on ~p: ~p", [?P:node_of(A), Result]),
     ?assertMatch(#{nodedown := true,
                    down := noconnection,
                    exit := noconnection,
@@ -376,7 +376,7 @@ collect_node_death(Seen, Ref, Mon, Lnk, NB, Deadline) ->
 %% net_ticktime (4 s), and which nodedown_reason it reports.
 kill_gives_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = ?P:call(A, ?P, watch_start, []),
     T0 = ?P:call(A, ?P, now_ms, []),
@@ -395,7 +395,7 @@ kill_gives_nodedown(Config) ->
 %% reason connection_closed.
 init_stop_gives_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = ?P:call(A, ?P, watch_start, []),
     T0 = ?P:call(A, ?P, now_ms, []),
@@ -415,7 +415,7 @@ init_stop_gives_nodedown(Config) ->
 %% nodedown on the other side), and a new ping reconnects.
 disconnect_and_reconnect(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
@@ -445,7 +445,7 @@ disconnect_and_reconnect(Config) ->
 %% with no nodedown (32 rounds; the second node starts -0.4..+2.6 ms after the first).
 simultaneous_connect(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     %% B's start relative to A's, in microseconds. B has the greater name, so its
@@ -469,7 +469,7 @@ simultaneous_round(A, B, NA, NB, OffsetUs) ->
                               net_kernel:connect_node(Other)
                       end
               end,
-    [ResA, ResB] = parallel([fun() -> ?P:run(A, Connect(NB, 0)) end,
+    [ResA, ResB] = ?P:parallel([fun() -> ?P:run(A, Connect(NB, 0)) end,
                              fun() -> ?P:run(B, Connect(NA, OffsetUs)) end]),
     %% Settle, then look: one connection, seen once from each side, no nodedown.
     timer:sleep(300),
@@ -502,7 +502,7 @@ sleep_until_us(At) ->
 %% and a pg group joined on two nodes shows members from both everywhere.
 three_nodes_global_and_pg(Config) ->
     [A, B, C] = Nodes = start_nodes(Config, 3),
-    {NA, NB, NC} = {node_of(A), node_of(B), node_of(C)},
+    {NA, NB, NC} = {?P:node_of(A), ?P:node_of(B), ?P:node_of(C)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     pong = ?P:call(A, net_adm, ping, [NC]),
     %% global makes the mesh full: B and C connect too. (global's connect_node calls
@@ -524,7 +524,7 @@ three_nodes_global_and_pg(Config) ->
                   {N0, ?P:run(N, fun() ->
                                          ?P:wait_until(fun() -> global:whereis_name(Name) =:= Pid end, 5000)
                                  end)})
-     || N <- Nodes, N0 <- [node_of(N)]],
+     || N <- Nodes, N0 <- [?P:node_of(N)]],
     %% pg: a scope on each node, members joined on A and B.
     [ok = ?P:run(N, fun start_pg_holder/0) || N <- Nodes],
     Group = macula_test_group,
@@ -540,7 +540,7 @@ three_nodes_global_and_pg(Config) ->
                   {N0, ?P:run(N, fun() ->
                                          ?P:wait_until(fun() -> lists:sort(pg:get_members(Group)) =:= Members end, 5000)
                                  end)})
-     || N <- Nodes, N0 <- [node_of(N)]],
+     || N <- Nodes, N0 <- [?P:node_of(N)]],
     ?assertEqual([MA], ?P:run(A, fun() -> pg:get_local_members(Group) end)),
     ?assertEqual([], ?P:run(C, fun() -> pg:get_local_members(Group) end)),
     ok.
@@ -560,7 +560,7 @@ start_pg_holder() ->
 wrong_cookie(Config) ->
     [A, B] = start_nodes(Config, 2),
     W = ?P:start(port(Config, 3), [], #{cookie => "wrong_cookie"}),
-    {NA, NB, NW} = {node_of(A), node_of(B), node_of(W)},
+    {NA, NB, NW} = {?P:node_of(A), ?P:node_of(B), ?P:node_of(W)},
     ?assertEqual(pang, ?P:call(W, net_adm, ping, [NA])),
     ?assertEqual(pang, ?P:call(A, net_adm, ping, [NW])),
     %% Everybody is still alive and the correct-cookie nodes still connect.
@@ -583,7 +583,7 @@ wrong_cookie(Config) ->
 hidden_node(Config) ->
     [A] = start_nodes(Config, 1),
     H = ?P:start(port(Config, 2), ["-hidden"]),
-    {NA, NH} = {node_of(A), node_of(H)},
+    {NA, NH} = {?P:node_of(A), ?P:node_of(H)},
     ?assertEqual(pong, ?P:call(H, net_adm, ping, [NA])),
     ok = ?P:wait_until(fun() -> ?P:call(A, erlang, nodes, [hidden]) =:= [NH] end, 5000),
     ?assertEqual([], ?P:call(A, erlang, nodes, [])),
@@ -600,7 +600,7 @@ hidden_node(Config) ->
 %% protocol quic; per-connection setopts/getopts of nodelay work.
 node_info_and_opts(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     {PA, PB} = {port(Config, 1), port(Config, 2)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
@@ -638,9 +638,9 @@ ipv6(Config) ->
         _ -> ok
     end,
     [PA, PB] = [port(Config, 1), port(Config, 2)],
-    [A, B] = parallel([fun() -> ?P:start(PA, [], #{host => "::1"}) end,
+    [A, B] = ?P:parallel([fun() -> ?P:start(PA, [], #{host => "::1"}) end,
                        fun() -> ?P:start(PB, [], #{host => "::1"}) end]),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(list_to_atom(integer_to_list(PB) ++ "@::1"), NB),
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
     ok = wait_nodes(B, [NA]),
@@ -655,7 +655,7 @@ ipv6(Config) ->
 %% healthy (same net_kernel, still connects to a good node).
 malformed_node_names(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     Kernel = ?P:call(A, erlang, whereis, [net_kernel]),
     Bad = ['foo@127.0.0.1', '70000@127.0.0.1', '0@127.0.0.1', '65536@127.0.0.1',
            '4433@bad_host', '4433@1.2.3', 'nohost', '4433@'],
@@ -678,7 +678,7 @@ malformed_node_names(Config) ->
 %% net_setuptime (7 s) and leaves the node healthy.
 unreachable_port(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     Nobody = list_to_atom(integer_to_list(port(Config, 9)) ++ "@127.0.0.1"),
     {R, Ms} = ?P:run(A, fun() ->
                                 T0 = erlang:monotonic_time(millisecond),
@@ -710,7 +710,7 @@ embedded_mode_boot(Config) ->
     Name = integer_to_list(port(Config, 2)) ++ "@127.0.0.1",
     Eval = io_lib:format("io:format(\"result ~~p ~~p ~~p~~n\", [code:get_mode(), "
                          "code:is_loaded(macula_dist_nif) =/= false, net_adm:ping(list_to_atom(\"~s\"))]), halt().",
-                         [node_of(B)]),
+                         [?P:node_of(B)]),
     Cmd = lists:flatten(["timeout 30 erl -boot ", Base, " -mode embedded -proto_dist macula -no_epmd ",
                          "-start_epmd false -name ", Name, " -setcookie ", atom_to_list(?P:cookie()),
                          " -noshell -eval '", Eval, "' 2>&1"]),
@@ -724,56 +724,21 @@ embedded_mode_boot(Config) ->
 %%% ------------------------------------------------------------------------------------
 
 %% The first port of a block of Count UDP ports that are free now.
-port_base(Count) ->
-    case os:getenv("MACULA_TEST_PORT_BASE") of
-        false -> random_port_base(Count, 20);
-        Text -> list_to_integer(Text)
-    end.
-
-random_port_base(_Count, 0) ->
-    ct:fail(no_free_udp_port_block);
-random_port_base(Count, Tries) ->
-    {Lo, Hi} = ?PORT_RANGE,
-    Base = Lo + 200 * rand:uniform((Hi - Lo) div 200) - 200,
-    case lists:all(fun udp_port_free/1, lists:seq(Base, Base + Count - 1)) of
-        true -> Base;
-        false -> random_port_base(Count, Tries - 1)
-    end.
-
-udp_port_free(Port) ->
-    case gen_udp:open(Port, [{ip, {0, 0, 0, 0}}]) of
-        {ok, S} -> gen_udp:close(S), true;
-        {error, _} -> false
-    end.
-
 %% The K-th UDP port of this case's block (K = 1..9).
 port(Config, K) when K >= 1, K =< 9 ->
     ?config(base_port, Config) + K.
 
 %% N nodes on ports 1..N of the case's block, started in parallel.
 start_nodes(Config, N) ->
-    parallel([fun() -> ?P:start(port(Config, K), []) end || K <- lists:seq(1, N)]).
-
-node_of(#{node := Node}) ->
-    Node.
+    ?P:parallel([fun() -> ?P:start(port(Config, K), []) end || K <- lists:seq(1, N)]).
 
 %% Waits (5 s) until erlang:nodes() on TNode is exactly Expected (any order).
 wait_nodes(TNode, Expected) ->
     Want = lists:sort(Expected),
     case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
         ok -> ok;
-        timeout -> {nodes_not, Want, on, node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
+        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
     end.
 
 %% Runs the funs in parallel processes; their results in order, or the first error
 %% re-raised here.
-parallel(Funs) ->
-    Self = self(),
-    Pids = [spawn(fun() ->
-                          Self ! {self(), try {ok, F()} catch C:R:S -> {raise, C, R, S} end}
-                  end) || F <- Funs],
-    Results = [receive {P, Res} -> Res end || P <- Pids],
-    [case Res of
-         {ok, V} -> V;
-         {raise, C, R, S} -> erlang:raise(C, R, S)
-     end || Res <- Results].

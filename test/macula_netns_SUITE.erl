@@ -158,7 +158,7 @@ loss_20pct_bulk(Config) ->
 loss_case(Config, Pct, Kind) ->
     Env = setup_link(Config),
     {A, B} = start_pair(Env, ?DEFAULT_TICKTIME),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(60, ?P:call(A, net_kernel, get_net_ticktime, [])),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
@@ -283,7 +283,7 @@ loss_20pct_short_ticktime(Config) ->
     Env = setup_link(Config),
     [ok = add_loss(Env, Ns, 20) || Ns <- [ns_a, ns_b]],
     {A, B} = start_pair(Env, []),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(4, ?P:call(A, net_kernel, get_net_ticktime, [])),
     {Attempts, ConnectMs} = ?P:run(A, fun() -> connect_attempts(NB, 1, 3) end, 40000),
     ?assert(is_integer(Attempts)),
@@ -360,7 +360,7 @@ migrate_to_new_address(Config) ->
 
 migrate_case(Env, RebindIp, RebindPort, {ExpectIp, ExpectPort}) ->
     {A, B} = start_pair(Env, []),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     ?assertMatch({ok, #{initiator := true}}, ?P:call(A, macula_dist, connection_info, [NB])),
@@ -598,27 +598,14 @@ must(Cmd) ->
 
 %% One node in each namespace, started in parallel.
 start_pair(#{ns_a := NsA, ns_b := NsB}, ExtraArgs) ->
-    [A, B] = parallel([fun() -> ?P:start_netns(NsA, ?PORT_A, ExtraArgs, #{host => ?IP_A}) end,
+    [A, B] = ?P:parallel([fun() -> ?P:start_netns(NsA, ?PORT_A, ExtraArgs, #{host => ?IP_A}) end,
                        fun() -> ?P:start_netns(NsB, ?PORT_B, ExtraArgs, #{host => ?IP_B}) end]),
     {A, B}.
-
-node_of(#{node := Node}) ->
-    Node.
 
 wait_nodes(TNode, Expected) ->
     Want = lists:sort(Expected),
     case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
         ok -> ok;
-        timeout -> {nodes_not, Want, on, node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
+        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
     end.
 
-parallel(Funs) ->
-    Self = self(),
-    Pids = [spawn(fun() ->
-                          Self ! {self(), try {ok, F()} catch C:R:S -> {raise, C, R, S} end}
-                  end) || F <- Funs],
-    Results = [receive {P, Res} -> Res end || P <- Pids],
-    [case Res of
-         {ok, V} -> V;
-         {raise, C, R, S} -> erlang:raise(C, R, S)
-     end || Res <- Results].

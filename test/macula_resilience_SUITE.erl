@@ -105,7 +105,7 @@ init_per_suite(Config) ->
     %% The nodes run a copy of the build: a rebuild during the run rewrites the NIF.
     Snapshot = ?P:snapshot(?config(priv_dir, Config)),
     Count = ?BLOCK * (length(all()) + 1),
-    Base = port_base(Count),
+    Base = ?P:port_base(Count, ?PORT_RANGE),
     ct:pal("nodes run the copy in ~ts~nUDP ports of this run: ~b..~b~nload case: ~b s",
            [filename:dirname(Snapshot), Base, Base + Count - 1, load_seconds()]),
     [{port_base, Base} | Config].
@@ -146,7 +146,7 @@ max_detect_ms(TickMs) ->
 liveness_under_load(Config) ->
     DurationMs = load_seconds() * 1000,
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
@@ -294,7 +294,7 @@ prober(Parent, NB, Count, Max, Failures) ->
 %% Shows: kill -9 of B gives nodedown on A within 5/4 of net_ticktime (4 s) + 0.5 s.
 kill_gives_nodedown_within_ticktime(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = ?P:call(A, ?P, watch_start, []),
     T0 = ?P:call(A, ?P, now_ms, []),
@@ -310,7 +310,7 @@ kill_gives_nodedown_within_ticktime(Config) ->
 %% (init:stop itself takes about 1 s, with inet_tcp too).
 init_stop_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = ?P:call(A, ?P, watch_start, []),
     T0 = ?P:call(A, ?P, now_ms, []),
@@ -326,7 +326,7 @@ init_stop_gives_prompt_nodedown(Config) ->
 %% connection_closed (the carrier closes its QUIC connections at VM exit).
 halt_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = node_of(B),
+    NB = ?P:node_of(B),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = ?P:call(A, ?P, watch_start, []),
     T0 = ?P:call(A, ?P, now_ms, []),
@@ -343,7 +343,7 @@ halt_gives_prompt_nodedown(Config) ->
 %% process on B reconnects the nodes, with no manual action; erpc works both ways.
 frozen_peer_dropped_then_reconnects(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     ok = ?P:run(B, fun() ->
@@ -410,7 +410,7 @@ echo_loop() ->
 %% new creation and its pids work.
 restart_is_new_incarnation(Config) ->
     [A, B0] = start_nodes(Config, 2),
-    NB = node_of(B0),
+    NB = ?P:node_of(B0),
     PortB = port(Config, 2),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = ?P:call(A, ?P, watch_start, []),
@@ -429,8 +429,8 @@ restart_is_new_incarnation(Config) ->
                "; round 2 (restart after nodedown): ", Summary(Round2)]}.
 
 restart_round(A, BOld, PortB, Mode) ->
-    NA = node_of(A),
-    NB = node_of(BOld),
+    NA = ?P:node_of(A),
+    NB = ?P:node_of(BOld),
     CreationOld = ?P:call(BOld, erlang, system_info, [creation]),
     ok = ?P:call(A, ?P, watch_reset, []),
     %% A holder on A, linked to and monitoring a process on the old B.
@@ -536,12 +536,12 @@ late_monitor_and_link(Pid) ->
 %% the mesh is complete again, each of the 9 saw one nodeup, the group has 10 members.
 ten_node_mesh(Config) ->
     PgArgs = ["-kernel", "start_pg", "true"],
-    Nodes = parallel([fun() -> ?P:start(port(Config, K), PgArgs) end || K <- lists:seq(1, 10)]),
-    Names = [node_of(N) || N <- Nodes],
+    Nodes = ?P:parallel([fun() -> ?P:start(port(Config, K), PgArgs) end || K <- lists:seq(1, 10)]),
+    Names = [?P:node_of(N) || N <- Nodes],
     [N1 | _] = Nodes,
     [pong = ?P:call(N1, net_adm, ping, [Other]) || Other <- tl(Names)],
     T0 = erlang:monotonic_time(millisecond),
-    [ok = wait_nodes(N, Names -- [node_of(N)], 30000) || N <- Nodes],
+    [ok = wait_nodes(N, Names -- [?P:node_of(N)], 30000) || N <- Nodes],
     [ok = ?P:call(N, global, sync, []) || N <- Nodes],
     MeshMs = erlang:monotonic_time(millisecond) - T0,
     %% global: a name on node 3.
@@ -552,8 +552,8 @@ ten_node_mesh(Config) ->
                               yes = global:register_name(Name, P),
                               P
                       end),
-    [?assertEqual({node_of(N), ok},
-                  {node_of(N), ?P:run(N, fun() -> ?P:wait_until(fun() -> global:whereis_name(Name) =:= GPid end, 10000) end)})
+    [?assertEqual({?P:node_of(N), ok},
+                  {?P:node_of(N), ?P:run(N, fun() -> ?P:wait_until(fun() -> global:whereis_name(Name) =:= GPid end, 10000) end)})
      || N <- Nodes],
     %% pg: one member per node.
     Group = macula_test_mesh_group,
@@ -566,12 +566,12 @@ ten_node_mesh(Config) ->
     ok = wait_members(Nodes, Group, lists:sort(Members)),
     %% kill -9 node 5.
     Victim = lists:nth(5, Nodes),
-    NV = node_of(Victim),
+    NV = ?P:node_of(Victim),
     Survivors = Nodes -- [Victim],
     [ok = ?P:call(N, ?P, watch_start, []) || N <- Survivors],
     T0s = [?P:call(N, ?P, now_ms, []) || N <- Survivors],
     ok = ?P:kill(Victim),
-    Downs = parallel([fun() -> await_nodedown(N, NV, T, 20000) end
+    Downs = ?P:parallel([fun() -> await_nodedown(N, NV, T, 20000) end
                       || {N, T} <- lists:zip(Survivors, T0s)]),
     ct:pal("nodedown of ~p on the 9 others (ms, reason): ~p", [NV, Downs]),
     MaxDown = lists:max([Ms || {Ms, _} <- Downs]),
@@ -580,9 +580,9 @@ ten_node_mesh(Config) ->
     timer:sleep(1000),
     SurvivorNames = Names -- [NV],
     [begin
-         ?assertEqual({node_of(N), [{nodedown, NV}]},
-                      {node_of(N), [{E, X} || {E, X, _, _} <- ?P:call(N, ?P, watch_events, [])]}),
-         ok = wait_nodes(N, SurvivorNames -- [node_of(N)], 5000)
+         ?assertEqual({?P:node_of(N), [{nodedown, NV}]},
+                      {?P:node_of(N), [{E, X} || {E, X, _, _} <- ?P:call(N, ?P, watch_events, [])]}),
+         ok = wait_nodes(N, SurvivorNames -- [?P:node_of(N)], 5000)
      end || N <- Survivors],
     [?assertEqual(GPid, ?P:call(N, global, whereis_name, [Name])) || N <- Survivors],
     MembersWithout = lists:sort(Members -- [lists:nth(5, Members)]),
@@ -593,23 +593,23 @@ ten_node_mesh(Config) ->
     [ok = ?P:call(N, ?P, watch_reset, []) || N <- Survivors],
     Restarted = ?P:start(port(Config, 5), PgArgs),
     T1 = erlang:monotonic_time(millisecond),
-    pong = ?P:call(Restarted, net_adm, ping, [node_of(N1)]),
+    pong = ?P:call(Restarted, net_adm, ping, [?P:node_of(N1)]),
     All = [case N of Victim -> Restarted; _ -> N end || N <- Nodes],
-    [ok = wait_nodes(N, Names -- [node_of(N)], 30000) || N <- All],
+    [ok = wait_nodes(N, Names -- [?P:node_of(N)], 30000) || N <- All],
     [ok = ?P:call(N, global, sync, []) || N <- All],
     RejoinMs = erlang:monotonic_time(millisecond) - T1,
     ?assertEqual(GPid, ?P:call(Restarted, global, whereis_name, [Name])),
     NewMember = ?P:run(Restarted, Join),
     ok = wait_members(All, Group, lists:sort([NewMember | MembersWithout])),
-    [?assertEqual({node_of(N), [{nodeup, NV}]},
-                  {node_of(N), [{E, X} || {E, X, _, _} <- ?P:call(N, ?P, watch_events, [])]})
+    [?assertEqual({?P:node_of(N), [{nodeup, NV}]},
+                  {?P:node_of(N), [{E, X} || {E, X, _, _} <- ?P:call(N, ?P, watch_events, [])]})
      || N <- Survivors],
     {comment, io_lib:format("mesh of 10 in ~b ms; kill -9: nodedown on all 9 within ~b ms; "
                             "restarted node back in a full mesh in ~b ms",
                             [MeshMs, MaxDown, RejoinMs])}.
 
 wait_members(Nodes, Group, Sorted) ->
-    Bad = [{node_of(N), lists:sort(?P:call(N, pg, get_members, [Group]))}
+    Bad = [{?P:node_of(N), lists:sort(?P:call(N, pg, get_members, [Group]))}
            || N <- Nodes,
               ok =/= ?P:run(N, fun() ->
                                        ?P:wait_until(fun() -> lists:sort(pg:get_members(Group)) =:= Sorted end, 10000)
@@ -633,12 +633,12 @@ mnesia_catch_up(Config) ->
     Dirs = [filename:join([Priv, "mnesia", integer_to_list(port(Config, K))]) || K <- [1, 2, 3]],
     [ok = filelib:ensure_dir(filename:join(D, "x")) || D <- Dirs],
     Args = fun(Dir) -> ["-mnesia", "dir", "\"" ++ Dir ++ "\""] end,
-    [A, B, C] = Nodes = parallel([fun() -> ?P:start(port(Config, K), Args(D)) end
+    [A, B, C] = Nodes = ?P:parallel([fun() -> ?P:start(port(Config, K), Args(D)) end
                                   || {K, D} <- lists:zip([1, 2, 3], Dirs)]),
-    [NA, NB, NC] = Names = [node_of(N) || N <- Nodes],
+    [NA, NB, NC] = Names = [?P:node_of(N) || N <- Nodes],
     pong = ?P:call(A, net_adm, ping, [NB]),
     pong = ?P:call(A, net_adm, ping, [NC]),
-    [ok = wait_nodes(N, Names -- [node_of(N)], 10000) || N <- Nodes],
+    [ok = wait_nodes(N, Names -- [?P:node_of(N)], 10000) || N <- Nodes],
     ok = ?P:call(A, mnesia, create_schema, [Names]),
     [ok = ?P:call(N, mnesia, start, []) || N <- Nodes],
     Tab = macula_test_tab,
@@ -646,7 +646,7 @@ mnesia_catch_up(Config) ->
                            [Tab, [{disc_copies, Names}, {attributes, [key, value]}]]),
     [ok = ?P:call(N, mnesia, wait_for_tables, [[Tab], 20000]) || N <- Nodes],
     ok = write_records(A, Tab, 1, 100),
-    [?assertEqual({node_of(N), 100}, {node_of(N), count_records(N, Tab, 1, 100)}) || N <- [B, C]],
+    [?assertEqual({?P:node_of(N), 100}, {?P:node_of(N), count_records(N, Tab, 1, 100)}) || N <- [B, C]],
     %% kill -9 C; the survivors go on writing.
     ok = ?P:kill(C),
     ok = ?P:wait_until(fun() -> not lists:member(NC, ?P:call(A, mnesia, system_info, [running_db_nodes])) end, 15000),
@@ -695,22 +695,22 @@ count_records(TNode, Tab, From, To) ->
 %% 5/4 of the new value + 0.5 s (10.5 s).
 ticktime_change_kill_detected(Config) ->
     [A, B, C] = Nodes = start_nodes(Config, 3),
-    Names = [NA, NB, NC] = [node_of(N) || N <- Nodes],
+    Names = [NA, NB, NC] = [?P:node_of(N) || N <- Nodes],
     pong = ?P:call(A, net_adm, ping, [NB]),
     pong = ?P:call(A, net_adm, ping, [NC]),
-    [ok = wait_nodes(N, Names -- [node_of(N)], 10000) || N <- Nodes],
+    [ok = wait_nodes(N, Names -- [?P:node_of(N)], 10000) || N <- Nodes],
     [ok = ?P:call(N, ?P, watch_start, []) || N <- Nodes],
     [?assertEqual(change_initiated, ?P:call(N, net_kernel, set_net_ticktime, [8])) || N <- Nodes],
     [?assertMatch({ongoing_change_to, 8}, ?P:call(N, net_kernel, get_net_ticktime, [])) || N <- Nodes],
     %% Idle: only ticks keep the connections alive.
     timer:sleep(10000),
-    [?assertEqual({node_of(N), []}, {node_of(N), ?P:call(N, ?P, watch_events, [])}) || N <- Nodes],
-    [ok = wait_nodes(N, Names -- [node_of(N)], 1000) || N <- Nodes],
+    [?assertEqual({?P:node_of(N), []}, {?P:node_of(N), ?P:call(N, ?P, watch_events, [])}) || N <- Nodes],
+    [ok = wait_nodes(N, Names -- [?P:node_of(N)], 1000) || N <- Nodes],
     ?assertEqual(NC, ?P:run(A, fun() -> erpc:call(NC, erlang, node, []) end)),
     %% Now kill C.
     T0s = [?P:call(N, ?P, now_ms, []) || N <- [A, B]],
     ok = ?P:kill(C),
-    Downs = parallel([fun() -> await_nodedown(N, NC, T, 30000) end || {N, T} <- lists:zip([A, B], T0s)]),
+    Downs = ?P:parallel([fun() -> await_nodedown(N, NC, T, 30000) end || {N, T} <- lists:zip([A, B], T0s)]),
     ct:pal("after set_net_ticktime(8): kill -9 of C detected (ms, reason): ~p", [Downs]),
     Max = lists:max([Ms || {Ms, _} <- Downs]),
     ?assert(Max =< max_detect_ms(8000)),
@@ -725,7 +725,7 @@ ticktime_change_kill_detected(Config) ->
 %% side after SIGCONT, and erpc works both ways.
 ticktime_change_tolerates_longer_silence(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     [?assertEqual(change_initiated, ?P:call(N, net_kernel, set_net_ticktime, [12])) || N <- [A, B]],
@@ -754,9 +754,9 @@ ticktime_change_tolerates_longer_silence(Config) ->
 %% not dropped. (A limit tied to the boot-time value, such as a QUIC idle timeout of
 %% 4 x 2 s, would drop it after 8 s.)
 ticktime_raised_tenfold_tolerates_silence(Config) ->
-    [A, B] = parallel([fun() -> ?P:start(port(Config, K), ["-kernel", "net_ticktime", "2"]) end
+    [A, B] = ?P:parallel([fun() -> ?P:start(port(Config, K), ["-kernel", "net_ticktime", "2"]) end
                        || K <- [1, 2]]),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(2, ?P:call(A, net_kernel, get_net_ticktime, [])),
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
@@ -789,30 +789,8 @@ await_nodedown(TNode, Node, T0, Timeout) ->
         {ok, {nodedown, Node, Info, T1}} ->
             {T1 - T0, proplists:get_value(nodedown_reason, Info)};
         timeout ->
-            ct:fail({no_nodedown, {on, node_of(TNode)}, {for, Node}, {within_ms, Timeout},
+            ct:fail({no_nodedown, {on, ?P:node_of(TNode)}, {for, Node}, {within_ms, Timeout},
                      {nodes, ?P:call(TNode, erlang, nodes, [])}})
-    end.
-
-port_base(Count) ->
-    case os:getenv("MACULA_TEST_PORT_BASE") of
-        false -> random_port_base(Count, 20);
-        Text -> list_to_integer(Text)
-    end.
-
-random_port_base(_Count, 0) ->
-    ct:fail(no_free_udp_port_block);
-random_port_base(Count, Tries) ->
-    {Lo, Hi} = ?PORT_RANGE,
-    Base = Lo + 200 * rand:uniform((Hi - Lo - Count) div 200) - 200,
-    case lists:all(fun udp_port_free/1, lists:seq(Base, Base + Count - 1)) of
-        true -> Base;
-        false -> random_port_base(Count, Tries - 1)
-    end.
-
-udp_port_free(Port) ->
-    case gen_udp:open(Port, [{ip, {0, 0, 0, 0}}]) of
-        {ok, S} -> gen_udp:close(S), true;
-        {error, _} -> false
     end.
 
 %% The K-th UDP port of this case's block.
@@ -820,10 +798,7 @@ port(Config, K) when K >= 1, K < ?BLOCK ->
     ?config(base_port, Config) + K.
 
 start_nodes(Config, N) ->
-    parallel([fun() -> ?P:start(port(Config, K), []) end || K <- lists:seq(1, N)]).
-
-node_of(#{node := Node}) ->
-    Node.
+    ?P:parallel([fun() -> ?P:start(port(Config, K), []) end || K <- lists:seq(1, N)]).
 
 wait_nodes(TNode, Expected) ->
     wait_nodes(TNode, Expected, 5000).
@@ -833,16 +808,6 @@ wait_nodes(TNode, Expected, Timeout) ->
     Want = lists:sort(Expected),
     case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, Timeout) of
         ok -> ok;
-        timeout -> {nodes_not, Want, on, node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
+        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
     end.
 
-parallel(Funs) ->
-    Self = self(),
-    Pids = [spawn(fun() ->
-                          Self ! {self(), try {ok, F()} catch C:R:S -> {raise, C, R, S} end}
-                  end) || F <- Funs],
-    Results = [receive {P, Res} -> Res end || P <- Pids],
-    [case Res of
-         {ok, V} -> V;
-         {raise, C, R, S} -> erlang:raise(C, R, S)
-     end || Res <- Results].

@@ -93,7 +93,7 @@ garbage_flood_during_transfer() ->
 %% sides); B still accepts a new node during the flood and stays healthy.
 garbage_flood_during_transfer(Config) ->
     [A, B] = start_nodes([{46001, []}, {46002, []}]),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     Size = 50 * ?MB,
     {true, CalmMs} = transfer(A, NB, Size),
@@ -119,7 +119,7 @@ garbage_flood_during_transfer(Config) ->
     %% Healthy afterwards: the old connection still carries calls, both ways.
     ?assertEqual(NB, ?P:call(A, erpc, call, [NB, erlang, node, []])),
     ?assertEqual(NA, ?P:call(B, erpc, call, [NA, erlang, node, []])),
-    ok = wait_nodes(B, [NA, node_of(C)]),
+    ok = wait_nodes(B, [NA, ?P:node_of(C)]),
     {true, _} = transfer(A, NB, 5 * ?MB),
     ?assert(?P:is_os_alive(?P:os_pid(B))),
     Comment = io_lib:format("50 MB A->B: ~b ms calm, ~b ms under flood; B->A under flood ~b ms; "
@@ -170,7 +170,7 @@ half_open_flood() ->
 %% reconnects in the middle of it.
 half_open_flood(Config) ->
     [V, L] = start_nodes([{46021, ["-kernel", "net_setuptime", "3"]}, {46022, []}]),
-    {NV, NL} = {node_of(V), node_of(L)},
+    {NV, NL} = {?P:node_of(V), ?P:node_of(L)},
     ok = ?P:call(V, ?H, capture_logs, []),
     Before = memory(V),
     Procs0 = ?P:call(V, erlang, system_info, [process_count]),
@@ -283,7 +283,7 @@ malformed_frames() ->
 %% frame sent right behind the challenge reply, the control stream finished.
 malformed_frames(Config) ->
     [A, B] = start_nodes([{46041, []}, {46042, ["-kernel", "net_setuptime", "3"]}]),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
     ok = wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
@@ -409,7 +409,7 @@ mitm_is_refused() ->
 %% 127.0.0.2:46101.
 mitm_is_refused(Config) ->
     {A, B} = relay_nodes(46101, 46103),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     Mitm = ?H:start(tool(Config), ["mitm", "127.0.0.1:46101", "127.0.0.2:46101"]),
     {ok, _} = ?H:await_line(Mitm, <<"MITM listening">>, 5000),
     {Ping, Ms} = timed(fun() -> ?P:call(A, net_adm, ping, [NB]) end),
@@ -447,7 +447,7 @@ udp_relay_works() ->
 %% A at the relay's address.
 udp_relay_works(Config) ->
     {A, B} = relay_nodes(46111, 46113),
-    {NA, NB} = {node_of(A), node_of(B)},
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     Relay = ?H:start(tool(Config), ["udp-relay", "127.0.0.1:46111", "127.0.0.2:46111"]),
     {ok, _} = ?H:await_line(Relay, <<"RELAY listening">>, 5000),
     {Ping, Ms} = timed(fun() -> ?P:call(A, net_adm, ping, [NB]) end),
@@ -487,7 +487,7 @@ wait_log(TNode, Text) ->
     Find = fun() -> [T || T <- ?P:call(TNode, ?H, logs, []), string:find(T, Text) =/= nomatch] end,
     case ?P:wait_until(fun() -> Find() =/= [] end, 5000) of
         ok -> hd(Find());
-        timeout -> ct:fail({not_logged, node_of(TNode), Text, ?P:call(TNode, ?H, logs, [])})
+        timeout -> ct:fail({not_logged, ?P:node_of(TNode), Text, ?P:call(TNode, ?H, logs, [])})
     end.
 
 %%% ------------------------------------------------------------------------------------
@@ -497,18 +497,15 @@ wait_log(TNode, Text) ->
 tool(Config) ->
     ?config(tool, Config).
 
-node_of(#{node := Node}) ->
-    Node.
-
 %% Nodes {Port, ExtraArgs}, started in parallel.
 start_nodes(Specs) ->
-    parallel([fun() -> ?P:start(Port, Args) end || {Port, Args} <- Specs]).
+    ?P:parallel([fun() -> ?P:start(Port, Args) end || {Port, Args} <- Specs]).
 
 wait_nodes(TNode, Expected) ->
     Want = lists:sort(Expected),
     case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
         ok -> ok;
-        timeout -> {nodes_not, Want, on, node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
+        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
     end.
 
 timed(Fun) ->
@@ -539,13 +536,3 @@ one_line(Text) ->
 join(Lines) ->
     lists:join("\n", Lines).
 
-parallel(Funs) ->
-    Self = self(),
-    Pids = [spawn(fun() ->
-                          Self ! {self(), try {ok, F()} catch C:R:S -> {raise, C, R, S} end}
-                  end) || F <- Funs],
-    Results = [receive {P, Res} -> Res end || P <- Pids],
-    [case Res of
-         {ok, V} -> V;
-         {raise, C, R, S} -> erlang:raise(C, R, S)
-     end || Res <- Results].

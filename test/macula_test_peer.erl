@@ -22,6 +22,8 @@
          snapshot/1, ebin_dir/0, test_dir/0, cookie/0]).
 %% Test-node side, added for the resilience and network-namespace suites
 -export([start_netns/4, cast/4, signal/2]).
+%% Shared by the suites
+-export([parallel/1, node_of/1, port_base/2]).
 %% Node side (called through call/5)
 -export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
          spawn_idle/0, idle/0]).
@@ -424,4 +426,51 @@ idle() ->
     receive
         stop -> ok;
         {exit, Reason} -> exit(Reason)
+    end.
+
+%%% ------------------------------------------------------------------------------------
+%%% Shared by the suites
+%%% ------------------------------------------------------------------------------------
+
+%% @doc Runs the funs at once (e.g. starting nodes) and returns their results in order;
+%% an exception in one is raised again here.
+-spec parallel([fun(() -> T)]) -> [T].
+parallel(Funs) ->
+    Self = self(),
+    Pids = [spawn(fun() ->
+                          Self ! {self(), try {ok, F()} catch C:R:S -> {raise, C, R, S} end}
+                  end) || F <- Funs],
+    Results = [receive {P, Res} -> Res end || P <- Pids],
+    [case Res of
+         {ok, V} -> V;
+         {raise, C, R, S} -> erlang:raise(C, R, S)
+     end || Res <- Results].
+
+%% @doc The node name of a started node.
+-spec node_of(tnode()) -> node().
+node_of(#{node := Node}) ->
+    Node.
+
+%% @doc The first of `Count' consecutive UDP ports, free now, in `{Lo, Hi}' (or from
+%% `MACULA_TEST_PORT_BASE'): a random block, so runs on one machine rarely collide.
+-spec port_base(pos_integer(), {inet:port_number(), inet:port_number()}) -> inet:port_number().
+port_base(Count, Range) ->
+    case os:getenv("MACULA_TEST_PORT_BASE") of
+        false -> random_port_base(Count, Range, 20);
+        Text -> list_to_integer(Text)
+    end.
+
+random_port_base(_Count, _Range, 0) ->
+    ct:fail(no_free_udp_port_block);
+random_port_base(Count, {Lo, Hi} = Range, Tries) ->
+    Base = Lo + 200 * rand:uniform(max(1, (Hi - Lo - Count) div 200)) - 200,
+    case lists:all(fun udp_port_free/1, lists:seq(Base, Base + Count - 1)) of
+        true -> Base;
+        false -> random_port_base(Count, Range, Tries - 1)
+    end.
+
+udp_port_free(Port) ->
+    case gen_udp:open(Port, [{ip, {0, 0, 0, 0}}]) of
+        {ok, S} -> gen_udp:close(S), true;
+        {error, _} -> false
     end.
