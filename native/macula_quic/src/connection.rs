@@ -214,19 +214,17 @@ impl<E: Events> Connection<E> {
     /// is delivered through [`Events::handshake_frame`]. Taking a waiting message here,
     /// in the caller's thread, saves a message hop per handshake step.
     pub fn take_handshake_frame(&self) -> Result<Option<Vec<u8>>, ConnError> {
-        self.check_open()?;
         let mut inbox = lock(&self.handshake_in);
-        match inbox.frames.pop_front() {
-            Some(frame) => {
-                drop(inbox);
-                self.handshake_space.notify_one();
-                Ok(Some(frame))
-            }
-            None => {
-                inbox.waiting = true;
-                Ok(None)
-            }
+        if let Some(frame) = inbox.frames.pop_front() {
+            // Even after the connection closed: a peer's last words (a `nok` status
+            // before it hangs up) must still be read.
+            drop(inbox);
+            self.handshake_space.notify_one();
+            return Ok(Some(frame));
         }
+        self.check_open()?;
+        inbox.waiting = true;
+        Ok(None)
     }
 
     /// Ends the handshake phase: data stream reading starts with `credit` messages of
