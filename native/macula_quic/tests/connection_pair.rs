@@ -169,6 +169,16 @@ async fn oversized_data_frame_closes_only_that_connection() {
 }
 
 #[tokio::test]
+async fn last_handshake_frame_can_be_taken_after_the_close() {
+    let ((client, mut client_rx), (server, _srx), _c, _s) = pair().await;
+    server.send_handshake(b"snok").unwrap();
+    server.close_gracefully();
+    assert!(matches!(next(&mut client_rx).await, Event::Closed(CloseReason::PeerClosed)));
+    assert_eq!(client.take_handshake_frame().unwrap(), Some(b"snok".to_vec()));
+    assert!(client.take_handshake_frame().is_err());
+}
+
+#[tokio::test]
 async fn graceful_close_delivers_the_last_handshake_frame() {
     let ((client, mut client_rx), (server, _srx), _c, _s) = pair().await;
     server.send_handshake(b"snok").unwrap();
