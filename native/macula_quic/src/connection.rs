@@ -2,12 +2,13 @@
 //!
 //! Streams:
 //! * a bidirectional **control stream**, opened by the connecting side, that carries the
-//!   `dist_util` handshake (2-byte frames) and then ticks (empty frames) at a higher send
-//!   priority than data, so liveness never waits behind bulk traffic;
+//!   cookie proofs and the `dist_util` handshake (2-byte frames) and then ticks (empty
+//!   frames) at a higher send priority than data, so liveness never waits behind bulk
+//!   traffic;
 //! * one unidirectional **data stream** per direction carrying distribution packets
 //!   (4-byte frames), in order.
 //!
-//! Flow of bytes, outwards: `send_data` (NIF, never blocks) → [`SendQueue`] → data writer
+//! Flow of bytes, outwards: `send_data` (NIF, never blocks) → `SendQueue` → data writer
 //! task → QUIC. Inwards: QUIC → data reader task → [`Events::data`], which is only called
 //! while the Erlang input handler holds delivery credit; without credit the reader stops
 //! reading and QUIC flow control pushes back on the sender.
@@ -43,7 +44,8 @@ pub mod close_code {
 pub trait Events: Send + Sync + 'static {
     /// Buffer type decoded data packets are assembled in.
     type Packet: PacketBuf + Send + 'static;
-    /// A handshake message asked for with [`Connection::request_handshake_frame`].
+    /// A handshake message for an owner that found none waiting in
+    /// [`Connection::take_handshake_frame`].
     fn handshake_frame(&self, frame: Vec<u8>);
     /// Complete distribution packets in arrival order; uses one delivery credit.
     fn data(&self, packets: Vec<Self::Packet>);
