@@ -142,7 +142,7 @@ frozen_receiver(Config) ->
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     [?assertEqual(120, ?P:call(N, net_kernel, get_net_ticktime, [])) || N <- [A, B]],
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     ProcsA = conn_procs(A, NB),
@@ -276,7 +276,7 @@ slow_receiver(Config) ->
     [A, B] = start_nodes(Config, 2, []),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     ProcsA = conn_procs(A, NB),
@@ -350,7 +350,7 @@ stalled_input_handler(Config) ->
     [A, B] = start_nodes(Config, 2, ["-kernel", "net_ticktime", TickTime]),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     ProcsA = conn_procs(A, NB),
@@ -863,11 +863,4 @@ port(Config, K) when K >= 1, K =< 9 ->
 
 start_nodes(Config, N, Args) ->
     ?P:parallel([fun() -> ?P:start(port(Config, K), Args) end || K <- lists:seq(1, N)]).
-
-wait_nodes(TNode, Expected) ->
-    Want = lists:sort(Expected),
-    case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
-        ok -> ok;
-        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
-    end.
 

@@ -85,8 +85,8 @@ ping(Config) ->
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
     ?assertEqual(pong, ?P:call(B, net_adm, ping, [NA])),
-    ok = wait_nodes(A, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(A, [NB]),
+    ok = ?P:wait_nodes(B, [NA]),
     [{NB, CtrlA}] = ?P:call(A, erlang, system_info, [dist_ctrl]),
     [{NA, CtrlB}] = ?P:call(B, erlang, system_info, [dist_ctrl]),
     ?assert(is_pid(CtrlA)),
@@ -417,7 +417,7 @@ disconnect_and_reconnect(Config) ->
     [A, B] = start_nodes(Config, 2),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     ?assertEqual(true, ?P:call(A, erlang, disconnect_node, [NB])),
@@ -425,19 +425,19 @@ disconnect_and_reconnect(Config) ->
     ?assertEqual(disconnect, proplists:get_value(nodedown_reason, InfoA)),
     {ok, {nodedown, NA, InfoB, _}} = ?P:call(B, ?P, watch_await, [nodedown, NA, 5000], 10000),
     RemoteReason = proplists:get_value(nodedown_reason, InfoB),
-    ok = wait_nodes(A, []),
-    ok = wait_nodes(B, []),
+    ok = ?P:wait_nodes(A, []),
+    ok = ?P:wait_nodes(B, []),
     ok = ?P:call(A, ?P, watch_reset, []),
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
-    ok = wait_nodes(A, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(A, [NB]),
+    ok = ?P:wait_nodes(B, [NA]),
     ?assertMatch({ok, {nodeup, NB, _, _}}, ?P:call(A, ?P, watch_await, [nodeup, NB, 5000], 10000)),
     ?assertEqual(NB, ?P:run(A, fun() -> erpc:call(NB, erlang, node, []) end)),
     %% And the other way round.
     ?assertEqual(true, ?P:call(B, erlang, disconnect_node, [NA])),
-    ok = wait_nodes(A, []),
+    ok = ?P:wait_nodes(A, []),
     ?assertEqual(pong, ?P:call(B, net_adm, ping, [NA])),
-    ok = wait_nodes(A, [NB]),
+    ok = ?P:wait_nodes(A, [NB]),
     {comment, io_lib:format("remote side's nodedown reason: ~0p", [RemoteReason])}.
 
 %% Shows: both nodes calling connect_node on each other at (nearly) the same moment
@@ -483,8 +483,8 @@ simultaneous_round(A, B, NA, NB, OffsetUs) ->
         (catch ?P:run(B, fun() -> erpc:call(NA, erlang, node, []) end)) =:= NA,
     %% Take it down for the next round.
     _ = ?P:call(A, erlang, disconnect_node, [NB]),
-    ok = wait_nodes(A, []),
-    ok = wait_nodes(B, []),
+    ok = ?P:wait_nodes(A, []),
+    ok = ?P:wait_nodes(B, []),
     {OffsetUs, ResA, ResB, Nodes, Ctrls, EventsA, EventsB, Erpc}.
 
 good_round(NA, NB, {_Us, ResA, ResB, Nodes, Ctrls, EventsA, EventsB, Erpc}) ->
@@ -509,9 +509,9 @@ three_nodes_global_and_pg(Config) ->
     %% from B and C can meet as a simultaneous connect; if one returns false, global's
     %% prevent_overlapping_partitions, on by default in OTP 25, disconnects nodes and
     %% the waits below fail: that is the simultaneous_connect failure seen here.)
-    ok = wait_nodes(A, [NB, NC]),
-    ok = wait_nodes(B, [NA, NC]),
-    ok = wait_nodes(C, [NA, NB]),
+    ok = ?P:wait_nodes(A, [NB, NC]),
+    ok = ?P:wait_nodes(B, [NA, NC]),
+    ok = ?P:wait_nodes(C, [NA, NB]),
     [ok = ?P:call(N, global, sync, []) || N <- Nodes],
     Name = macula_test_global,
     Pid = ?P:run(A, fun() ->
@@ -565,7 +565,7 @@ wrong_cookie(Config) ->
     ?assertEqual(pang, ?P:call(A, net_adm, ping, [NW])),
     %% Everybody is still alive and the correct-cookie nodes still connect.
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
-    ok = wait_nodes(A, [NB]),
+    ok = ?P:wait_nodes(A, [NB]),
     ?assertEqual([], ?P:call(W, erlang, nodes, [])),
     ?assertEqual(NW, ?P:call(W, erlang, node, [])),
     [?assert(?P:is_os_alive(?P:os_pid(N))) || N <- [A, B, W]],
@@ -575,7 +575,7 @@ wrong_cookie(Config) ->
     %% Right cookie: connects.
     true = ?P:call(W, erlang, set_cookie, [?P:cookie()]),
     ?assertEqual(pong, ?P:call(W, net_adm, ping, [NA])),
-    ok = wait_nodes(W, [NA, NB]),
+    ok = ?P:wait_nodes(W, [NA, NB]),
     ?assertEqual(NA, ?P:run(W, fun() -> erpc:call(NA, erlang, node, []) end)),
     ok.
 
@@ -603,7 +603,7 @@ node_info_and_opts(Config) ->
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     {PA, PB} = {port(Config, 1), port(Config, 2)},
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     {ok, InfoA} = ?P:call(A, net_kernel, node_info, [NB]),
     ct:pal("node_info on ~p about ~p: ~p", [NA, NB, InfoA]),
     ?assertMatch(#net_address{address = {{127, 0, 0, 1}, PB}, protocol = quic, family = inet},
@@ -643,7 +643,7 @@ ipv6(Config) ->
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(list_to_atom(integer_to_list(PB) ++ "@::1"), NB),
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ?assertEqual(NA, ?P:run(B, fun() -> erpc:call(NA, erlang, node, []) end)),
     {ok, Info} = ?P:call(A, net_kernel, node_info, [NB]),
     ?assertMatch(#net_address{address = {{0, 0, 0, 0, 0, 0, 0, 1}, PB}, family = inet6,
@@ -731,14 +731,6 @@ port(Config, K) when K >= 1, K =< 9 ->
 %% N nodes on ports 1..N of the case's block, started in parallel.
 start_nodes(Config, N) ->
     ?P:parallel([fun() -> ?P:start(port(Config, K), []) end || K <- lists:seq(1, N)]).
-
-%% Waits (5 s) until erlang:nodes() on TNode is exactly Expected (any order).
-wait_nodes(TNode, Expected) ->
-    Want = lists:sort(Expected),
-    case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
-        ok -> ok;
-        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
-    end.
 
 %% Runs the funs in parallel processes; their results in order, or the first error
 %% re-raised here.

@@ -161,7 +161,7 @@ loss_case(Config, Pct, Kind) ->
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     ?assertEqual(60, ?P:call(A, net_kernel, get_net_ticktime, [])),
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     [ok = add_loss(Env, Ns, Pct) || Ns <- [ns_a, ns_b]],
@@ -287,7 +287,7 @@ loss_20pct_short_ticktime(Config) ->
     ?assertEqual(4, ?P:call(A, net_kernel, get_net_ticktime, [])),
     {Attempts, ConnectMs} = ?P:run(A, fun() -> connect_attempts(NB, 1, 3) end, 40000),
     ?assert(is_integer(Attempts)),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     HoldMs = loss_hold_seconds() * 1000,
@@ -362,7 +362,7 @@ migrate_case(Env, RebindIp, RebindPort, {ExpectIp, ExpectPort}) ->
     {A, B} = start_pair(Env, []),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ?assertMatch({ok, #{initiator := true}}, ?P:call(A, macula_dist, connection_info, [NB])),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
@@ -601,11 +601,4 @@ start_pair(#{ns_a := NsA, ns_b := NsB}, ExtraArgs) ->
     [A, B] = ?P:parallel([fun() -> ?P:start_netns(NsA, ?PORT_A, ExtraArgs, #{host => ?IP_A}) end,
                        fun() -> ?P:start_netns(NsB, ?PORT_B, ExtraArgs, #{host => ?IP_B}) end]),
     {A, B}.
-
-wait_nodes(TNode, Expected) ->
-    Want = lists:sort(Expected),
-    case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
-        ok -> ok;
-        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
-    end.
 

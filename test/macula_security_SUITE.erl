@@ -119,7 +119,7 @@ garbage_flood_during_transfer(Config) ->
     %% Healthy afterwards: the old connection still carries calls, both ways.
     ?assertEqual(NB, ?P:call(A, erpc, call, [NB, erlang, node, []])),
     ?assertEqual(NA, ?P:call(B, erpc, call, [NA, erlang, node, []])),
-    ok = wait_nodes(B, [NA, ?P:node_of(C)]),
+    ok = ?P:wait_nodes(B, [NA, ?P:node_of(C)]),
     {true, _} = transfer(A, NB, 5 * ?MB),
     ?assert(?P:is_os_alive(?P:os_pid(B))),
     Comment = io_lib:format("50 MB A->B: ~b ms calm, ~b ms under flood; B->A under flood ~b ms; "
@@ -219,7 +219,7 @@ half_open_flood(Config) ->
     %% Second wave, paced (500 connections a second for 2 s): the legitimate node
     %% reconnects in the middle of it, while new half-open connections keep arriving.
     true = ?P:call(L, erlang, disconnect_node, [NV]),
-    ok = wait_nodes(V, []),
+    ok = ?P:wait_nodes(V, []),
     Wave = ?H:start(tool(Config), ["half-open", "127.0.0.1:46021", "1000", "5", "mixed", "500"]),
     {ok, _} = ?H:await_line(Wave, <<"HALFOPEN started">>, 5000),
     timer:sleep(700),
@@ -285,7 +285,7 @@ malformed_frames(Config) ->
     [A, B] = start_nodes([{46041, []}, {46042, ["-kernel", "net_setuptime", "3"]}]),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ok = ?P:call(A, ?P, watch_start, []),
     ok = ?P:call(B, ?P, watch_start, []),
     ok = ?P:call(B, ?H, capture_logs, []),
@@ -453,7 +453,7 @@ udp_relay_works(Config) ->
     {ok, _} = ?H:await_line(Relay, <<"RELAY listening">>, 5000),
     {Ping, Ms} = timed(fun() -> ?P:call(A, net_adm, ping, [NB]) end),
     ?assertEqual(pong, Ping),
-    ok = wait_nodes(B, [NA]),
+    ok = ?P:wait_nodes(B, [NA]),
     ?assertEqual(NB, ?P:call(A, erpc, call, [NB, erlang, node, []])),
     ?assertEqual(NA, ?P:call(B, erpc, call, [NA, erlang, node, []])),
     {true, _} = transfer(A, NB, 5 * ?MB),
@@ -501,13 +501,6 @@ tool(Config) ->
 %% Nodes {Port, ExtraArgs}, started in parallel.
 start_nodes(Specs) ->
     ?P:parallel([fun() -> ?P:start(Port, Args) end || {Port, Args} <- Specs]).
-
-wait_nodes(TNode, Expected) ->
-    Want = lists:sort(Expected),
-    case ?P:wait_until(fun() -> lists:sort(?P:call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
-        ok -> ok;
-        timeout -> {nodes_not, Want, on, ?P:node_of(TNode), but, ?P:call(TNode, erlang, nodes, [])}
-    end.
 
 timed(Fun) ->
     T0 = erlang:monotonic_time(millisecond),

@@ -23,7 +23,7 @@
 %% Test-node side, added for the resilience and network-namespace suites
 -export([start_netns/4, cast/4, signal/2]).
 %% Shared by the suites
--export([parallel/1, node_of/1, port_base/2]).
+-export([parallel/1, node_of/1, port_base/2, wait_nodes/2]).
 %% Node side (called through call/5)
 -export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
          spawn_idle/0, idle/0]).
@@ -473,4 +473,14 @@ udp_port_free(Port) ->
     case gen_udp:open(Port, [{ip, {0, 0, 0, 0}}]) of
         {ok, S} -> gen_udp:close(S), true;
         {error, _} -> false
+    end.
+
+%% @doc Waits (5 s) until erlang:nodes() on `TNode' is exactly `Expected' (any order);
+%% returns `ok', or a term saying what it saw (so `ok = wait_nodes(...)' fails clearly).
+-spec wait_nodes(tnode(), [node()]) -> ok | tuple().
+wait_nodes(TNode, Expected) ->
+    Want = lists:sort(Expected),
+    case wait_until(fun() -> lists:sort(call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
+        ok -> ok;
+        timeout -> {nodes_not, Want, on, node_of(TNode), but, call(TNode, erlang, nodes, [])}
     end.
