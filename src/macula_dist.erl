@@ -57,19 +57,30 @@ open_endpoint(Name, Host) ->
     try
         Port = unwrap(macula_dist_name:port(Name)),
         {Ip, Family} = unwrap(resolve(Host)),
-        Endpoint = unwrap(bind_endpoint(Family, Port)),
+        Endpoint = unwrap(bind_endpoint(Family, Port, reset_identity(Name, Host))),
         {ok, Endpoint, #net_address{address = {Ip, Port}, host = Host,
                                     protocol = ?PROTOCOL, family = Family}}
     catch
         throw:{?MODULE, Reason} -> {error, Reason}
     end.
 
+%% The stateless-reset key is derived from the node name and this node's own cookie
+%% (-setcookie or ~/.erlang.cookie, which auth, started before net_kernel, has read),
+%% so a restarted node's resets end its old connections at once. No cookie: no identity,
+%% and a random key (a restart is then noticed by ICMP or ticks only).
+reset_identity(Name, Host) ->
+    case auth:get_cookie() of
+        nocookie -> #{};
+        Cookie -> #{node_name => unicode:characters_to_binary([atom_to_list(Name), $@, Host]),
+                    cookie => atom_to_binary(Cookie, utf8)}
+    end.
+
 %% Loads the NIF and the options, binds, and remembers the endpoint for setup/5.
-bind_endpoint(Family, Port) ->
+bind_endpoint(Family, Port, Identity) ->
     try
         ok = unwrap(macula_dist_nif:load()),
         Config = unwrap(macula_dist_config:load()),
-        Options = macula_dist_config:nif_options(Config),
+        Options = maps:merge(macula_dist_config:nif_options(Config), Identity),
         Endpoint = unwrap(macula_dist_nif:listen(macula_dist_config:bind_ip(Family), Port, Options)),
         persistent_term:put(?ENDPOINT, {Endpoint, Family, Config}),
         {ok, Endpoint}
@@ -178,6 +189,10 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
                    %% Certificates refused (PKI mode), by either side: say so.
                    ?LOG_WARNING("macula_dist: refused connection to ~ts: ~tp", [Node, Why]),
                    ?shutdown2(Node, Why);
+               {macula_connect, {error, {unreachable, What} = Why}} ->
+                   %% ICMP said nobody is there (TCP's "connection refused"): fail now.
+                   ?LOG_WARNING("macula_dist: cannot connect to ~ts: ~ts", [Node, What]),
+                   ?shutdown2(Node, Why);
                {macula_connect, {error, Why}} ->
                    ?shutdown2(Node, Why)
            end,
@@ -223,7 +238,7 @@ address() ->
     #net_address{host = Host, protocol = ?PROTOCOL, family = inet}.
 
 open_client_endpoint() ->
-    case bind_endpoint(inet, 0) of
+    case bind_endpoint(inet, 0, #{}) of
         {ok, _Endpoint} -> ok;
         {error, Reason} -> erlang:error({macula_dist, Reason})
     end.

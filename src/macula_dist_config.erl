@@ -37,6 +37,9 @@
          {max_pending_handshakes, 64, {integer, 1, 100000}},
          {runtime_workers, 1, {integer, 1, 64}},
          {congestion, cubic, {one_of, [cubic, bbr, new_reno]}},
+         %% Milliseconds of idleness before a QUIC keep-alive; bounds how soon a crashed
+         %% peer's host answers with ICMP port unreachable (fail-fast, README).
+         {liveness_interval, 500, {integer, 20, 60000}},
          %% PKI mode: PEM files, all three or none.
          {certfile, undefined, file},
          {keyfile, undefined, file},
@@ -210,10 +213,14 @@ parse_forms(Path, Tokens) ->
 nif_options(Config) ->
     Keys = [stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
             delivery_credit, max_pending_handshakes, runtime_workers, congestion],
+    #{liveness_interval := Liveness} = Config,
     Files = maps:from_list([{Key, path_binary(maps:get(Key, Config, undefined))}
                             || Key <- ?PKI_FILES]),
     maps:merge(maps:with(Keys, Config),
-               Files#{tick_time_ms => kernel_seconds(net_ticktime, 60) * 1000,
+               Files#{liveness_interval_ms => Liveness,
+                      %% The stateless-reset identity; macula_dist:listen/2 fills it in.
+                      node_name => <<>>, cookie => <<>>,
+                      tick_time_ms => kernel_seconds(net_ticktime, 60) * 1000,
                       handshake_timeout_ms => kernel_seconds(net_setuptime, 7) * 1000}).
 
 path_binary(undefined) -> <<>>;

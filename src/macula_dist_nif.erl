@@ -24,7 +24,7 @@
 
 -type endpoint() :: reference().
 -type conn() :: reference().
--type error_kind() :: bind | tls | resolve | connect.
+-type error_kind() :: bind | tls | resolve | connect | unreachable.
 -type close_reason() :: connection_closed | net_tick_timeout | closed
                       | {peer_closed, non_neg_integer(), binary()}
                       | {protocol_violation, binary()}

@@ -30,6 +30,7 @@ rustler::atoms! {
     tls,
     resolve,
     connect,
+    unreachable,
     no_peer_certificate,
     // Congestion controllers.
     bbr,
@@ -53,4 +54,5 @@ rustler::atoms! {
     received,
     sent,
     pending,
+    probes,
 }

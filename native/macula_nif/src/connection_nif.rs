@@ -207,6 +207,7 @@ fn info(env: Env, conn: Conn) -> NifResult<Term> {
         (atoms::sent_packets().encode(env), path.sent_packets.encode(env)),
         (atoms::congestion_window().encode(env), path.cwnd.encode(env)),
         (atoms::initiator().encode(env), c.is_initiator().encode(env)),
+        (atoms::probes().encode(env), c.probes().encode(env)),
     ];
     Term::map_from_pairs(env, &pairs)
 }

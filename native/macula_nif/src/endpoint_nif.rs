@@ -133,7 +133,11 @@ fn connect(
                 reply(&|env| (atoms::ok(), resource.clone()).encode(env));
             }
             Err(e) => {
-                let kind = if e.is_tls_refusal() { atoms::tls() } else { atoms::connect() };
+                let kind = match e {
+                    _ if e.is_tls_refusal() => atoms::tls(),
+                    macula_quic::ConnectError::Unreachable(_) => atoms::unreachable(),
+                    _ => atoms::connect(),
+                };
                 reply(&|env| terms::error(env, kind, &e.to_string()))
             }
         }

@@ -63,7 +63,8 @@ pub fn error<'a>(env: Env<'a>, kind: rustler::Atom, message: &str) -> Term<'a> {
 /// The exit reason the Erlang controller takes for `reason`; it becomes the nodedown reason.
 pub fn close_reason<'a>(env: Env<'a>, reason: &CloseReason) -> Term<'a> {
     match reason {
-        CloseReason::PeerClosed => atoms::connection_closed().encode(env),
+        // A peer that crashed is, to OTP, a connection its peer closed (TCP's RST).
+        CloseReason::PeerClosed | CloseReason::Unreachable(_) => atoms::connection_closed().encode(env),
         CloseReason::TimedOut => atoms::net_tick_timeout().encode(env),
         CloseReason::Local => atoms::closed().encode(env),
         CloseReason::PeerError { code, reason } => (atoms::peer_closed(), *code, text(env, reason)).encode(env),
@@ -92,6 +93,11 @@ pub struct EndpointOptions {
     pub certfile: String,
     pub keyfile: String,
     pub cacertfile: String,
+    pub liveness_interval_ms: u64,
+    /// This node's name and cookie, from which the stateless-reset key is derived; an
+    /// empty cookie (a client-only node, `-nocookie`) gives a random key.
+    pub node_name: String,
+    pub cookie: String,
 }
 
 impl EndpointOptions {
@@ -108,6 +114,9 @@ impl EndpointOptions {
             max_pending_handshakes: self.max_pending_handshakes,
             congestion: self.congestion()?,
             pki: self.pki(),
+            liveness_interval: Duration::from_millis(self.liveness_interval_ms),
+            stateless_reset_key: (!self.cookie.is_empty())
+                .then(|| macula_quic::reset_key::derive(self.node_name.as_bytes(), self.cookie.as_bytes())),
         })
     }
 

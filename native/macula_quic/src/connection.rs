@@ -28,6 +28,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::auth::{self, Role, PROOF_LEN};
 use crate::endpoint::{Established, Gate};
 use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, PacketBuf};
+use crate::liveness;
 use crate::settings::Settings;
 
 /// Application close codes sent in QUIC CONNECTION_CLOSE frames.
@@ -72,6 +73,8 @@ pub enum CloseReason {
     NotAuthenticated(String),
     /// QUIC itself failed.
     Transport(String),
+    /// An ICMP error said the peer is gone and a probe went unanswered (`crate::liveness`).
+    Unreachable(String),
 }
 
 impl CloseReason {
@@ -161,6 +164,7 @@ pub struct Connection<E: Events> {
     activate: Notify,
     received: AtomicU64,
     sent: AtomicU64,
+    probes: AtomicU64,
     close_reason: OnceLock<CloseReason>,
 }
 
@@ -168,7 +172,7 @@ impl<E: Events> Connection<E> {
     /// Starts the driver tasks of an established QUIC connection whose control stream is
     /// open. Must run inside the tokio runtime.
     pub fn start(established: Established, initiator: bool, events: E, settings: Arc<Settings>) -> Arc<Self> {
-        let Established { quic, control, gate } = established;
+        let Established { quic, control, gate, unreachable } = established;
         let conn = Arc::new(Connection {
             quic,
             gate,
@@ -184,6 +188,7 @@ impl<E: Events> Connection<E> {
             activate: Notify::new(),
             received: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            probes: AtomicU64::new(0),
             close_reason: OnceLock::new(),
         });
         let (control_send, control_recv) = control;
@@ -192,6 +197,7 @@ impl<E: Events> Connection<E> {
         tokio::spawn(conn.clone().read_control(control_recv));
         tokio::spawn(conn.clone().write_data());
         tokio::spawn(conn.clone().read_data());
+        tokio::spawn(liveness::watch(conn.clone(), unreachable));
         conn
     }
 
@@ -303,6 +309,15 @@ impl<E: Events> Connection<E> {
     pub fn tick(&self) {
         self.control_out.tick.store(true, Ordering::Release);
         self.control_out.wake.notify_one();
+    }
+
+    /// Liveness probes made after ICMP reports about the peer (`crate::liveness`).
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_probe(&self) {
+        self.probes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counters for tick supervision.

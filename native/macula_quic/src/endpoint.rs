@@ -8,9 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use quinn::{ClientConfig, EndpointConfig, RecvStream, SendStream, ServerConfig, TokioRuntime, VarInt};
 use thiserror::Error;
-use tokio::sync::Notify;
+use tokio::sync::{broadcast, Notify};
 
 use crate::connection::close_code;
+use crate::icmp_socket::{self, Unreachable};
 
 use crate::settings::Settings;
 use crate::tls::{self, TlsError};
@@ -33,6 +34,10 @@ pub enum ConnectError {
     Connection(#[from] quinn::ConnectionError),
     #[error("handshake timed out")]
     TimedOut,
+    /// An ICMP error came back before any answer: nobody listens there (`connection
+    /// refused` in TCP terms).
+    #[error("{0}")]
+    Unreachable(Unreachable),
 }
 
 impl ConnectError {
@@ -66,6 +71,8 @@ pub struct Established {
     pub control: (SendStream, RecvStream),
     /// Opened once the peer has proved it knows the cookie.
     pub gate: Arc<Gate>,
+    /// ICMP reports of the endpoint's socket, for the connection's liveness probes.
+    pub unreachable: broadcast::Receiver<Unreachable>,
 }
 
 /// Opened when a peer has authenticated; until then its connection is on probation.
@@ -130,6 +137,8 @@ pub struct Endpoint {
     quic: quinn::Endpoint,
     settings: Arc<Settings>,
     unauthenticated: Arc<Unauthenticated>,
+    /// ICMP reports of the socket (see [`icmp_socket`]).
+    reports: broadcast::Sender<Unreachable>,
 }
 
 impl Endpoint {
@@ -145,15 +154,21 @@ impl Endpoint {
         server.transport_config(transport.clone());
         let mut client = ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
-        let mut config = EndpointConfig::default();
+        let mut config = match &settings.stateless_reset_key {
+            Some(key) => EndpointConfig::new(Arc::new(key.clone())),
+            None => EndpointConfig::default(),
+        };
         config.max_udp_payload_size(settings.max_udp_payload.max(1200)).ok();
-        let mut quic = quinn::Endpoint::new(config, Some(server), socket, Arc::new(TokioRuntime))
+        let (reports, _) = broadcast::channel(icmp_socket::REPORT_BACKLOG);
+        let socket = icmp_socket::wrap(socket, reports.clone()).map_err(|source| BindError::Socket { addr, source })?;
+        let mut quic = quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(TokioRuntime))
             .map_err(|source| BindError::Socket { addr, source })?;
         quic.set_default_client_config(client);
         Ok(Endpoint {
             unauthenticated: Arc::new(Unauthenticated::new(settings.max_pending_handshakes)),
             settings: Arc::new(settings),
             quic,
+            reports,
         })
     }
 
@@ -167,15 +182,22 @@ impl Endpoint {
         self.quic.local_addr()
     }
 
-    /// Connects to `addr` and opens the control stream.
+    /// Connects to `addr` and opens the control stream. Fails at once with
+    /// [`ConnectError::Unreachable`] when an ICMP error about `addr` arrives first.
     pub async fn connect(&self, addr: SocketAddr) -> Result<Established, ConnectError> {
+        let mut unreachable = self.reports.subscribe();
         let connecting = self.quic.connect(addr, tls::SERVER_NAME)?;
         let handshake = async {
             let quic = connecting.await?;
             let control = quic.open_bi().await?;
-            Ok::<_, ConnectError>(Established { quic, control, gate: Arc::new(Gate::default()) })
+            Ok::<_, ConnectError>((quic, control))
         };
-        tokio::time::timeout(self.settings.handshake_timeout, handshake).await.unwrap_or(Err(ConnectError::TimedOut))
+        let handshake = tokio::time::timeout(self.settings.handshake_timeout, handshake);
+        let (quic, control) = tokio::select! {
+            result = handshake => result.unwrap_or(Err(ConnectError::TimedOut))?,
+            report = first_report_about(&mut unreachable, addr) => return Err(ConnectError::Unreachable(report)),
+        };
+        Ok(Established { quic, control, gate: Arc::new(Gate::default()), unreachable })
     }
 
     /// Accepts connections until the endpoint closes.
@@ -198,6 +220,7 @@ impl Endpoint {
             let (id, evicted) = self.unauthenticated.admit();
             let timeout = self.settings.handshake_timeout;
             let unauthenticated = self.unauthenticated.clone();
+            let unreachable = self.reports.subscribe();
             let (on_connection, on_refused) = (on_connection.clone(), on_refused.clone());
             tokio::spawn(async move {
                 let gate = Arc::new(Gate::default());
@@ -206,7 +229,7 @@ impl Endpoint {
                     let quic = incoming.await?;
                     established = Some(quic.clone());
                     let control = quic.accept_bi().await?;
-                    on_connection(Established { quic, control, gate: gate.clone() });
+                    on_connection(Established { quic, control, gate: gate.clone(), unreachable });
                     gate.wait().await;
                     Ok::<_, AcceptError>(())
                 };
@@ -239,7 +262,19 @@ impl Endpoint {
 
     /// Moves the endpoint to a new UDP socket (connection migration).
     pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
-        self.quic.rebind(bind_socket(addr)?)
+        self.quic.rebind_abstract(icmp_socket::wrap(bind_socket(addr)?, self.reports.clone())?)
+    }
+}
+
+/// The first report about `addr`. A lagging subscriber cannot tell whether a dropped
+/// report was about `addr`, so it waits for the next one (the handshake retransmits).
+async fn first_report_about(reports: &mut broadcast::Receiver<Unreachable>, addr: SocketAddr) -> Unreachable {
+    loop {
+        match reports.recv().await {
+            Ok(report) if report.is_about(addr) => return report,
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
     }
 }
 

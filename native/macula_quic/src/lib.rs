@@ -10,7 +10,10 @@ pub mod auth;
 pub mod connection;
 pub mod endpoint;
 pub mod frame;
+pub mod icmp_socket;
+pub mod liveness;
 pub mod node_name;
+pub mod reset_key;
 pub mod settings;
 pub mod tls;
 

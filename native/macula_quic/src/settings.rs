@@ -48,6 +48,12 @@ pub struct Settings {
     /// PKI mode (mutual TLS against a CA) with these files; zero-configuration mode
     /// (ephemeral self-signed certificates) without.
     pub pki: Option<PkiFiles>,
+    /// Longest idle time before a QUIC keep-alive (also bounded by the tick time): a
+    /// crashed peer is noticed within about this time when its host answers with ICMP.
+    pub liveness_interval: Duration,
+    /// Stateless-reset key shared by every incarnation of this node
+    /// (`crate::reset_key`); a random one per start without.
+    pub stateless_reset_key: Option<ring::hmac::Key>,
 }
 
 impl Default for Settings {
@@ -64,6 +70,8 @@ impl Default for Settings {
             max_pending_handshakes: 64,
             congestion: Congestion::Cubic,
             pki: None,
+            liveness_interval: Duration::from_millis(500),
+            stateless_reset_key: None,
         }
     }
 }
@@ -108,8 +116,9 @@ impl Settings {
         (self.tick_time * IDLE_TIMEOUT_FACTOR).max(MIN_IDLE_TIMEOUT)
     }
 
-    /// Idle time before a QUIC keep-alive.
+    /// Idle time before a QUIC keep-alive: frequent enough that a crashed peer's host
+    /// answers with ICMP soon after the crash (`crate::liveness`).
     pub fn keep_alive(&self) -> Duration {
-        self.tick_time / 8
+        self.liveness_interval.min(self.tick_time / 8)
     }
 }
