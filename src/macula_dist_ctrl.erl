@@ -41,9 +41,14 @@
 %% the original exit reason is the one reported (OTP's death_row pattern).
 -define(DEATH_ROW_TIMEOUT, 5000).
 
+%% The longest a controller whose peer closed waits for the input handler to put the
+%% last packets into the VM.
+-define(FLUSH_TIMEOUT, 1000).
+
 -record(ctrl, {conn :: macula_dist_nif:conn(),
                owner :: pid(),
                dhandle :: erlang:dist_handle() | undefined,
+               input :: pid() | undefined,
                batch_limit :: pos_integer(),
                busy = false :: boolean(),
                opts = #{} :: #{nodelay => boolean()}}).
@@ -211,7 +216,7 @@ complete_handshake(#ctrl{conn = Conn} = S, DHandle) ->
         ok -> ok;
         {error, closed} -> await_close()
     end,
-    S#ctrl{dhandle = DHandle}.
+    S#ctrl{dhandle = DHandle, input = Input}.
 
 loop(S) ->
     receive
@@ -219,6 +224,12 @@ loop(S) ->
             loop(drain(S));
         macula_writable ->
             loop(drain(S#ctrl{busy = false}));
+        {macula_closed, Reason} ->
+            %% The peer's last packets may still wait in the input handler's mailbox
+            %% (they were delivered before the close was reported): like TCP's data
+            %% before FIN, they reach the VM before the nodedown.
+            flush_input(S#ctrl.input),
+            exit(Reason);
         Other ->
             loop(handle_common(Other, S))
     end.
@@ -280,6 +291,16 @@ push(#ctrl{conn = Conn}, Batch) ->
         {error, Reason} -> exit({send_failed, Reason})
     end.
 
+flush_input(Input) ->
+    Ref = erlang:monitor(process, Input),
+    Input ! {flush, self(), Ref},
+    receive
+        {Ref, flushed} -> erlang:demonitor(Ref, [flush]), ok;
+        {'DOWN', Ref, process, Input, _} -> ok
+    after ?FLUSH_TIMEOUT ->
+            erlang:demonitor(Ref, [flush]), ok
+    end.
+
 %% The NIF reports why the connection closed; that reason is the nodedown reason.
 -spec await_close() -> no_return().
 await_close() ->
@@ -327,6 +348,10 @@ input_loop(Conn, DHandle) ->
         {macula_data, Packets} ->
             put_packets(DHandle, Packets),
             ok = macula_dist_nif:ack_data(Conn),
+            input_loop(Conn, DHandle);
+        {flush, From, Ref} ->
+            %% Everything the NIF delivered before the close is in the VM now.
+            From ! {Ref, flushed},
             input_loop(Conn, DHandle)
     end.
 

@@ -143,9 +143,44 @@ struct ControlOut {
     tick: AtomicBool,
     closing: AtomicBool,
     wake: Notify,
+    /// The data writer has ended its stream (graceful close).
+    data_ended: Notify,
 }
 
-/// How long a graceful close waits for the peer to acknowledge the control stream.
+/// A graceful close, as TCP's FIN: the closing side writes out what it has queued, ends
+/// its data stream, then its control stream. The peer, once it has read both to their
+/// end, closes the connection itself at once (no waiting for acknowledgements), so it
+/// sees the close half a round trip after it was made and loses no data sent before.
+/// Which of the peer's streams have ended:
+#[derive(Default)]
+struct PeerEnded {
+    control: AtomicBool,
+    data: AtomicBool,
+    changed: Notify,
+}
+
+impl PeerEnded {
+    /// Waits (at most [`GRACEFUL_CLOSE_TIMEOUT`]) until `done` holds; false on timeout.
+    async fn wait_until(&self, done: impl Fn(&PeerEnded) -> bool) -> bool {
+        let wait = async {
+            loop {
+                let changed = self.changed.notified();
+                if done(self) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(GRACEFUL_CLOSE_TIMEOUT, wait).await.is_ok()
+    }
+
+    fn mark(&self, flag: &AtomicBool) {
+        flag.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+}
+
+/// How long either side of a graceful close waits for the other's next step.
 const GRACEFUL_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A distribution connection; shared by the NIF resource and the driver tasks.
@@ -156,6 +191,7 @@ pub struct Connection<E: Events> {
     settings: Arc<Settings>,
     initiator: bool,
     control_out: ControlOut,
+    peer_ended: PeerEnded,
     data_out: SendQueue,
     handshake_in: Mutex<HandshakeInbox>,
     handshake_space: Notify,
@@ -180,6 +216,7 @@ impl<E: Events> Connection<E> {
             settings,
             initiator,
             control_out: ControlOut::default(),
+            peer_ended: PeerEnded::default(),
             data_out: SendQueue::default(),
             handshake_in: Mutex::new(HandshakeInbox::default()),
             handshake_space: Notify::new(),
@@ -329,12 +366,13 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    /// Closes the connection once the peer has received every queued control frame
-    /// (a last handshake status such as `nok` must not be lost), or after a short
-    /// timeout. Used when the owning process ends.
+    /// Closes the connection once the peer has read everything queued (data, and the
+    /// control frames: a last handshake status such as `nok` must not be lost), or after
+    /// a short timeout; see [`PeerEnded`]. Used when the owning process ends.
     pub fn close_gracefully(&self) {
         self.control_out.closing.store(true, Ordering::Release);
         self.control_out.wake.notify_one();
+        self.data_out.wake.notify_one();
     }
 
     /// Closes the connection normally, at once (idempotent).
@@ -413,11 +451,21 @@ impl<E: Events> Connection<E> {
                 self.sent.fetch_add(1, Ordering::Relaxed);
             }
             if self.control_out.closing.load(Ordering::Acquire) {
-                if stream.finish().is_ok() {
-                    let _ = tokio::time::timeout(GRACEFUL_CLOSE_TIMEOUT, stream.stopped()).await;
-                }
-                return self.close();
+                return self.finish_gracefully(stream).await;
             }
+        }
+    }
+
+    /// This side's half of a graceful close (see [`PeerEnded`]): once the data writer
+    /// has ended its stream, end the control stream and wait for the peer to close.
+    async fn finish_gracefully(&self, mut control: SendStream) {
+        let ended = async {
+            self.control_out.data_ended.notified().await;
+            let _ = control.finish();
+            self.quic.closed().await;
+        };
+        if tokio::time::timeout(GRACEFUL_CLOSE_TIMEOUT, ended).await.is_err() {
+            self.close();
         }
     }
 
@@ -473,12 +521,40 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    /// After the peer ends its control stream, waits briefly for its CONNECTION_CLOSE
-    /// and closes the connection itself if none comes.
+    /// The peer ended its control stream: it is closing gracefully. Once its data
+    /// stream has been read to the end too (before the handshake is over there is none
+    /// to wait for), close from this side at once; after a timeout, regardless.
     async fn close_after_peer_finished(&self) {
-        if tokio::time::timeout(GRACEFUL_CLOSE_TIMEOUT, self.quic.closed()).await.is_err() {
-            self.close_with(CloseReason::PeerClosed, close_code::SHUTDOWN, b"control stream finished");
+        self.peer_ended.mark(&self.peer_ended.control);
+        let activated = &self.activated;
+        self.peer_ended.wait_until(|ended| !activated.load(Ordering::Acquire) || ended.data.load(Ordering::Acquire)).await;
+        self.close_with(CloseReason::PeerClosed, close_code::SHUTDOWN, b"closed");
+    }
+
+    /// The peer ended its data stream, which it may only do while closing gracefully:
+    /// hands over what is left, then expects the control stream to end too.
+    async fn data_stream_ended(&self, mut batch: Batch<E::Packet>) {
+        if !batch.packets.is_empty() {
+            let Ok(permit) = self.data_credit.acquire().await else { return };
+            permit.forget();
+            self.events.data(batch.take());
         }
+        self.peer_ended.mark(&self.peer_ended.data);
+        if !self.peer_ended.wait_until(|ended| ended.control.load(Ordering::Acquire)).await {
+            self.violation("data stream finished by peer".into());
+        }
+    }
+
+    /// End of this side's data stream in a graceful close (the queue is written out).
+    async fn end_data_stream(&self, stream: Option<SendStream>) {
+        let stream = match stream {
+            Some(stream) => Some(stream),
+            None => self.quic.open_uni().await.ok(),
+        };
+        if let Some(mut stream) = stream {
+            let _ = stream.finish();
+        }
+        self.control_out.data_ended.notify_one();
     }
 
     async fn write_data(self: Arc<Self>) {
@@ -487,6 +563,9 @@ impl<E: Events> Connection<E> {
         loop {
             batch.extend(lock(&self.data_out.chunks).drain(..));
             if batch.is_empty() {
+                if self.control_out.closing.load(Ordering::Acquire) {
+                    return self.end_data_stream(stream).await;
+                }
                 tokio::select! {
                     _ = self.data_out.wake.notified() => continue,
                     _ = self.quic.closed() => return,
@@ -547,7 +626,7 @@ impl<E: Events> Connection<E> {
             };
             let n = match read {
                 Ok(Some(n)) => n,
-                Ok(None) => return self.violation("data stream finished by peer".into()),
+                Ok(None) => return self.data_stream_ended(batch).await,
                 Err(_) => return,
             };
             self.received.fetch_add(1, Ordering::Relaxed);
