@@ -16,8 +16,10 @@
 %%%     the peer.</li>
 %%% </ul>
 %%% Links: owner - controller - input handler; any death takes the connection down.
-%%% The controller does not trap exits, so `exit(Owner, Reason)' becomes the nodedown
-%%% reason, as net_kernel and OTP's tests expect.
+%%% Once the handshake is complete the controller traps exits only to hand the VM's
+%%% queued packets to the NIF first; it then exits with the reason it got, so
+%%% `exit(Owner, Reason)' and net_kernel's `disconnect' are the nodedown reason, as
+%%% net_kernel and OTP's tests expect.
 -module(macula_dist_ctrl).
 
 -export([start_linked/1, start_unowned/1, hand_over/2, hs_data/2, recv_message/1, info/1]).
@@ -192,6 +194,9 @@ handshaking(S) ->
             From ! {Ref, ok},
             %% Max priority was for the handshake; data runs at normal priority.
             process_flag(priority, normal),
+            %% Exit signals become messages so that what the VM has queued is handed
+            %% to the NIF before the controller goes (see flush_output/1).
+            process_flag(trap_exit, true),
             ok = erlang:dist_ctrl_get_data_notification(DHandle),
             loop(S1);
         {macula_closed, {peer_closed, ?NOT_AUTHENTICATED, _} = Reason} ->
@@ -224,6 +229,11 @@ loop(S) ->
             loop(drain(S));
         macula_writable ->
             loop(drain(S#ctrl{busy = false}));
+        {'EXIT', _From, normal} ->
+            loop(S);
+        {'EXIT', _From, Reason} ->
+            flush_output(S),
+            exit(Reason);
         {macula_closed, Reason} ->
             %% The peer's last packets may still wait in the input handler's mailbox
             %% (they were delivered before the close was reported): like TCP's data
@@ -289,6 +299,23 @@ push(#ctrl{conn = Conn}, Batch) ->
         busy -> busy;
         {error, closed} -> await_close();
         {error, Reason} -> exit({send_failed, Reason})
+    end.
+
+%% Told to go (erlang:disconnect_node/1, a linked process died): hand everything the
+%% VM has queued to the NIF, whatever its queue limit (the VM's queue is bounded by
+%% busy-dist), which writes it out and ends the connection gracefully when this
+%% process is gone. As with TCP, messages sent before a disconnect arrive. The exit
+%% reason stays the one given, so it is the nodedown reason.
+flush_output(#ctrl{dhandle = DHandle, conn = Conn}) ->
+    case take_all(DHandle, []) of
+        [] -> ok;
+        Packets -> _ = macula_dist_nif:send_data(Conn, Packets), ok
+    end.
+
+take_all(DHandle, Acc) ->
+    case erlang:dist_ctrl_get_data(DHandle) of
+        none -> lists:reverse(Acc);
+        {_Size, Packet} -> take_all(DHandle, [Packet | Acc])
     end.
 
 flush_input(Input) ->

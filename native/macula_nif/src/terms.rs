@@ -115,7 +115,7 @@ impl EndpointOptions {
             congestion: self.congestion()?,
             pki: self.pki(),
             liveness_interval: Duration::from_millis(self.liveness_interval_ms),
-            stateless_reset_key: (!self.cookie.is_empty())
+            restart_identity: (!self.cookie.is_empty())
                 .then(|| macula_quic::reset_key::derive(self.node_name.as_bytes(), self.cookie.as_bytes())),
         })
     }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quinn::{ClientConfig, EndpointConfig, RecvStream, SendStream, ServerConfig, TokioRuntime, VarInt};
+use quinn_proto::HashedConnectionIdGenerator;
 use thiserror::Error;
 use tokio::sync::{broadcast, Notify};
 
@@ -154,8 +155,15 @@ impl Endpoint {
         server.transport_config(transport.clone());
         let mut client = ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
-        let mut config = match &settings.stateless_reset_key {
-            Some(key) => EndpointConfig::new(Arc::new(key.clone())),
+        let mut config = match &settings.restart_identity {
+            Some(identity) => {
+                let mut config = EndpointConfig::new(Arc::new(identity.reset_key.clone()));
+                let cid_key = identity.cid_key;
+                // A restarted node must accept the old connection IDs as its own to
+                // answer them with resets, so their check key survives the restart too.
+                config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+                config
+            }
             None => EndpointConfig::default(),
         };
         config.max_udp_payload_size(settings.max_udp_payload.max(1200)).ok();
@@ -409,3 +417,4 @@ mod tests {
         assert!(e.to_string().starts_with("keyfile "), "{e}");
     }
 }
+

@@ -11,25 +11,50 @@
 
 use ring::hmac;
 
-/// Domain separation: this HMAC key is used for nothing else.
-const LABEL: &[u8] = b"macula-dist stateless reset key v1\0";
+/// Domain separation: these keys are used for nothing else.
+const RESET_LABEL: &[u8] = b"macula-dist stateless reset key v1\0";
+const CID_LABEL: &[u8] = b"macula-dist connection id key v1\0";
 
-/// The reset key of `node_name` with `cookie`: HMAC-SHA256 keyed with the cookie over
-/// a label and the name, so the key reveals nothing about the cookie.
-pub fn derive(node_name: &[u8], cookie: &[u8]) -> hmac::Key {
-    let outer = hmac::Key::new(hmac::HMAC_SHA256, cookie);
-    let mut context = hmac::Context::with_key(&outer);
-    context.update(LABEL);
-    context.update(node_name);
-    hmac::Key::new(hmac::HMAC_SHA256, context.sign().as_ref())
+/// What a node keeps across restarts. quinn only answers packets whose connection ID
+/// passes its generator's check with a reset, so the check key must survive too.
+#[derive(Clone)]
+pub struct RestartIdentity {
+    /// Key of the stateless-reset tokens.
+    pub reset_key: hmac::Key,
+    /// Key of the connection-ID check (quinn's `HashedConnectionIdGenerator`).
+    pub cid_key: u64,
+}
+
+impl std::fmt::Debug for RestartIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RestartIdentity(..)")
+    }
+}
+
+/// The identity of `node_name` with `cookie`: HMAC-SHA256 keyed with the cookie over
+/// a label and the name, so neither key reveals anything about the cookie.
+pub fn derive(node_name: &[u8], cookie: &[u8]) -> RestartIdentity {
+    let cookie_key = hmac::Key::new(hmac::HMAC_SHA256, cookie);
+    let sub_key = |label: &[u8]| {
+        let mut context = hmac::Context::with_key(&cookie_key);
+        context.update(label);
+        context.update(node_name);
+        context.sign()
+    };
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&sub_key(CID_LABEL).as_ref()[..8]);
+    RestartIdentity {
+        reset_key: hmac::Key::new(hmac::HMAC_SHA256, sub_key(RESET_LABEL).as_ref()),
+        cid_key: u64::from_be_bytes(cid_key),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn token(key: &hmac::Key) -> Vec<u8> {
-        hmac::sign(key, b"connection id").as_ref().to_vec()
+    fn token(identity: &RestartIdentity) -> (Vec<u8>, u64) {
+        (hmac::sign(&identity.reset_key, b"connection id").as_ref().to_vec(), identity.cid_key)
     }
 
     #[test]
@@ -39,8 +64,10 @@ mod tests {
 
     #[test]
     fn another_name_or_cookie_gives_another_key() {
-        let base = token(&derive(b"4433@10.0.0.5", b"secret"));
-        assert_ne!(base, token(&derive(b"4434@10.0.0.5", b"secret")));
-        assert_ne!(base, token(&derive(b"4433@10.0.0.5", b"secreT")));
+        let (reset, cid) = token(&derive(b"4433@10.0.0.5", b"secret"));
+        for (other_reset, other_cid) in [token(&derive(b"4434@10.0.0.5", b"secret")), token(&derive(b"4433@10.0.0.5", b"secreT"))] {
+            assert_ne!(reset, other_reset);
+            assert_ne!(cid, other_cid);
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
+use crate::reset_key::RestartIdentity;
 use crate::tls::PkiFiles;
 
 /// The congestion controller of every connection.
@@ -51,9 +52,9 @@ pub struct Settings {
     /// Longest idle time before a QUIC keep-alive (also bounded by the tick time): a
     /// crashed peer is noticed within about this time when its host answers with ICMP.
     pub liveness_interval: Duration,
-    /// Stateless-reset key shared by every incarnation of this node
-    /// (`crate::reset_key`); a random one per start without.
-    pub stateless_reset_key: Option<ring::hmac::Key>,
+    /// Stateless-reset key and connection-ID key shared by every incarnation of this
+    /// node (`crate::reset_key`); random ones per start without.
+    pub restart_identity: Option<RestartIdentity>,
 }
 
 impl Default for Settings {
@@ -71,7 +72,7 @@ impl Default for Settings {
             congestion: Congestion::Cubic,
             pki: None,
             liveness_interval: Duration::from_millis(500),
-            stateless_reset_key: None,
+            restart_identity: None,
         }
     }
 }
