@@ -28,6 +28,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::auth::{self, Role, PROOF_LEN};
 use crate::endpoint::{Established, Gate};
 use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, PacketBuf};
+use crate::graceful_close::PeerEnded;
 use crate::liveness;
 use crate::settings::Settings;
 
@@ -147,41 +148,8 @@ struct ControlOut {
     data_ended: Notify,
 }
 
-/// A graceful close, as TCP's FIN: the closing side writes out what it has queued, ends
-/// its data stream, then its control stream. The peer, once it has read both to their
-/// end, closes the connection itself at once (no waiting for acknowledgements), so it
-/// sees the close half a round trip after it was made and loses no data sent before.
-/// Which of the peer's streams have ended:
-#[derive(Default)]
-struct PeerEnded {
-    control: AtomicBool,
-    data: AtomicBool,
-    changed: Notify,
-}
-
-impl PeerEnded {
-    /// Waits (at most [`GRACEFUL_CLOSE_TIMEOUT`]) until `done` holds; false on timeout.
-    async fn wait_until(&self, done: impl Fn(&PeerEnded) -> bool) -> bool {
-        let wait = async {
-            loop {
-                let changed = self.changed.notified();
-                if done(self) {
-                    return;
-                }
-                changed.await;
-            }
-        };
-        tokio::time::timeout(GRACEFUL_CLOSE_TIMEOUT, wait).await.is_ok()
-    }
-
-    fn mark(&self, flag: &AtomicBool) {
-        flag.store(true, Ordering::Release);
-        self.changed.notify_waiters();
-    }
-}
-
 /// How long either side of a graceful close waits for the other's next step.
-const GRACEFUL_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+pub(crate) const GRACEFUL_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A distribution connection; shared by the NIF resource and the driver tasks.
 pub struct Connection<E: Events> {
@@ -368,7 +336,7 @@ impl<E: Events> Connection<E> {
 
     /// Closes the connection once the peer has read everything queued (data, and the
     /// control frames: a last handshake status such as `nok` must not be lost), or after
-    /// a short timeout; see [`PeerEnded`]. Used when the owning process ends.
+    /// a short timeout; see `crate::graceful_close`. Used when the owning process ends.
     pub fn close_gracefully(&self) {
         self.control_out.closing.store(true, Ordering::Release);
         self.control_out.wake.notify_one();
@@ -456,7 +424,7 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    /// This side's half of a graceful close (see [`PeerEnded`]): once the data writer
+    /// This side's half of a graceful close (see `crate::graceful_close`): once the data writer
     /// has ended its stream, end the control stream and wait for the peer to close.
     async fn finish_gracefully(&self, mut control: SendStream) {
         let ended = async {

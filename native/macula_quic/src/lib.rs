@@ -10,6 +10,7 @@ pub mod auth;
 pub mod connection;
 pub mod endpoint;
 pub mod frame;
+mod graceful_close;
 pub mod icmp_socket;
 pub mod liveness;
 pub mod node_name;

@@ -186,3 +186,35 @@ async fn graceful_close_delivers_the_last_handshake_frame() {
     assert_eq!(take(&client, &mut client_rx).await, b"snok");
     assert!(matches!(next(&mut client_rx).await, Event::Closed(CloseReason::PeerClosed)));
 }
+
+/// A graceful close after data: every packet queued before it is delivered, then the
+/// peer reports the close, within a few milliseconds (it does not wait for ACKs).
+#[tokio::test]
+async fn graceful_close_after_data_delivers_it_all_then_closes_at_once() {
+    let ((client, mut client_rx), (server, mut server_rx), _c, _s) = pair().await;
+    take(&server, &mut server_rx).await;
+    server.send_handshake(b"sok").unwrap();
+    take(&client, &mut client_rx).await;
+    client.activate().unwrap();
+    server.activate().unwrap();
+    let packets: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_be_bytes().repeat(16)).collect();
+    let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
+    client.send_data(framed(&refs), 1000).unwrap();
+    let closing = std::time::Instant::now();
+    client.close_gracefully();
+    let mut received = Vec::new();
+    let reason = loop {
+        match next(&mut server_rx).await {
+            Event::Data(batch) => {
+                received.extend(batch);
+                server.ack_data();
+            }
+            Event::Closed(reason) => break reason,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(reason, CloseReason::PeerClosed);
+    assert_eq!(received, packets);
+    assert!(closing.elapsed() < Duration::from_millis(200), "{:?}", closing.elapsed());
+    assert!(matches!(next(&mut client_rx).await, Event::Closed(_)));
+}
