@@ -48,6 +48,8 @@ extern "C" fn at_exit() {
         ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
     let Some(runtime) = runtime::get() else { return };
     let (done, flushed) = std::sync::mpsc::channel();
+    // Endpoints closed already (net_kernel's close on init:stop) have had their drain.
+    let endpoints: Vec<Arc<Endpoint>> = endpoints.into_iter().filter(|e| !e.is_closed()).collect();
     runtime.spawn(async move {
         for endpoint in &endpoints {
             endpoint.close();

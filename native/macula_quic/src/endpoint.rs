@@ -140,6 +140,7 @@ pub struct Endpoint {
     unauthenticated: Arc<Unauthenticated>,
     /// ICMP reports of the socket (see [`icmp_socket`]).
     reports: broadcast::Sender<Unreachable>,
+    closed: AtomicBool,
 }
 
 impl Endpoint {
@@ -177,6 +178,7 @@ impl Endpoint {
             settings: Arc::new(settings),
             quic,
             reports,
+            closed: AtomicBool::new(false),
         })
     }
 
@@ -260,7 +262,13 @@ impl Endpoint {
 
     /// Closes every connection (sending CONNECTION_CLOSE) and stops accepting.
     pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
         self.quic.close(VarInt::from_u32(close_code::SHUTDOWN), b"shutdown");
+    }
+
+    /// True once [`Endpoint::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// Resolves when every connection has finished closing.
