@@ -117,6 +117,7 @@ defaults_test() ->
                    max_pending_handshakes => 64,
                    runtime_workers => 1,
                    congestion => cubic,
+                   liveness_interval => 500,
                    certfile => undefined,
                    keyfile => undefined,
                    cacertfile => undefined,
@@ -221,8 +222,12 @@ nif_options_test() ->
     ?assertEqual(lists:sort([stream_window, send_window, send_queue_limit, max_packet,
                              max_udp_payload, delivery_credit, max_pending_handshakes,
                              runtime_workers, congestion, tick_time_ms, handshake_timeout_ms,
-                             certfile, keyfile, cacertfile]),
+                             certfile, keyfile, cacertfile, liveness_interval_ms,
+                             node_name, cookie]),
                  lists:sort(maps:keys(Opts))),
+    %% The restart identity is filled in by macula_dist:listen/2; none by default.
+    ?assertEqual({<<>>, <<>>}, {maps:get(node_name, Opts), maps:get(cookie, Opts)}),
+    ?assertEqual(500, maps:get(liveness_interval_ms, Opts)),
     ?assertEqual(8 bsl 20, maps:get(stream_window, Opts)),
     %% Zero-configuration mode: the PKI files are present, empty.
     ?assertEqual({<<>>, <<>>, <<>>}, {maps:get(certfile, Opts), maps:get(keyfile, Opts),
