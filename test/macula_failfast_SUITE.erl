@@ -149,7 +149,9 @@ restart_on_same_name_ends_old_connection(Config) ->
     ?assertEqual(false, ?P:run(A, fun() -> erpc:call(NB, erlang, is_process_alive, [POld]) end)),
     PNew = ?P:call(B1, ?P, spawn_idle, []),
     ?assertEqual(true, ?P:run(A, fun() -> erpc:call(NB, erlang, is_process_alive, [PNew]) end)),
-    {comment, io_lib:format("old connection gone ~b ms after A resumed (~0p)", [DownMs, Reason])}.
+    %% Measured from A's first answer after SIGCONT: negative when the reset beat it.
+    {comment, io_lib:format("old connection gone ~b ms after A's first answer once resumed (~0p)",
+                            [DownMs, Reason])}.
 
 %% A process on the calling node linked to and monitoring a new process on `Node'.
 start_holder(Node) ->
