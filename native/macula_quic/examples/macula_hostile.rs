@@ -327,7 +327,7 @@ async fn half_open(target: SocketAddr, count: usize, hold: f64, mode: String, ra
         };
         tokio::spawn(async move {
             tokio::time::sleep_until((start + at).into()).await;
-            let connecting = match endpoint.connect(target, tls::SERVER_NAME) {
+            let connecting = match endpoint.connect(target, macula_quic::wire::SERVER_NAME) {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = events.send(HalfOpenEvent::Failed {
@@ -563,7 +563,7 @@ async fn malformed(target: SocketAddr, cookie: String, name: String, mode: Strin
     }
     let mut rng = Rng::seeded();
     let endpoint = client_endpoint(target)?;
-    let conn = endpoint.connect(target, tls::SERVER_NAME)?.await?;
+    let conn = endpoint.connect(target, macula_quic::wire::SERVER_NAME)?.await?;
     println!("MALFORMED connected target={target} local={} mode={mode}", endpoint.local_addr()?);
     let (mut send, recv) = conn.open_bi().await?;
     let mut reader = ControlReader::new(recv);
@@ -718,7 +718,7 @@ async fn mitm(listen: SocketAddr, target: SocketAddr) -> Res<i32> {
 async fn mitm_connection(id: u64, incoming: quinn::Incoming, client: Endpoint, target: SocketAddr) -> Res<()> {
     let down = incoming.await?;
     println!("MITM {id} accepted {} (TLS terminated here)", down.remote_address());
-    let up = client.connect(target, tls::SERVER_NAME)?.await?;
+    let up = client.connect(target, macula_quic::wire::SERVER_NAME)?.await?;
     println!("MITM {id} connected upstream to {target} (second TLS session)");
     // Bidirectional streams are opened by the dialing side; unidirectional ones by both.
     tokio::spawn(relay_bidi(id, down.clone(), up.clone()));

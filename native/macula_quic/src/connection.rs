@@ -5,13 +5,16 @@
 //!   cookie proofs and the `dist_util` handshake (2-byte frames) and then ticks (empty
 //!   frames) at a higher send priority than data, so liveness never waits behind bulk
 //!   traffic;
-//! * one unidirectional **data stream** per direction carrying distribution packets
-//!   (4-byte frames), in order.
+//! * unidirectional **data streams** carrying distribution packets (4-byte frames): one,
+//!   in order (single-stream mode, `data_streams` 1), or a pool where each sending
+//!   process keeps to one stream, plus one stream of higher urgency for prioritised
+//!   processes (see [`crate::routing`]).
 //!
-//! Flow of bytes, outwards: `send_data` (NIF, never blocks) → `SendQueue` → data writer
-//! task → QUIC. Inwards: QUIC → data reader task → [`Events::data`], which is only called
-//! while the Erlang input handler holds delivery credit; without credit the reader stops
-//! reading and QUIC flow control pushes back on the sender.
+//! Flow of bytes, outwards: `send_data` (NIF, never blocks) → per-stream queues
+//! ([`crate::data_out`]) → one writer task per stream → QUIC. Inwards: QUIC → one reader
+//! task per stream → [`Events::data`], which is only called while the Erlang input
+//! handler holds delivery credit (shared fairly by the readers); without credit a reader
+//! stops reading and QUIC flow control pushes back on that stream's sender.
 //!
 //! Nothing here trusts the peer: every malformed frame closes this connection only.
 
@@ -25,20 +28,13 @@ use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use thiserror::Error;
 use tokio::sync::{Notify, Semaphore};
 
+use crate::admission::{Established, Gate};
 use crate::auth::{self, Role, PROOF_LEN};
-use crate::endpoint::{Established, Gate};
-use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, PacketBuf};
+use crate::data_out::DataOut;
+pub use crate::data_out::SendStatus;
+use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, OutgoingPacket, PacketBuf};
 use crate::settings::Settings;
-
-/// Application close codes sent in QUIC CONNECTION_CLOSE frames.
-pub mod close_code {
-    /// The distribution connection was taken down on purpose.
-    pub const SHUTDOWN: u32 = 0;
-    /// The peer broke the framing or stream protocol.
-    pub const PROTOCOL_VIOLATION: u32 = 1;
-    /// The peer did not prove it knows the cookie.
-    pub const NOT_AUTHENTICATED: u32 = 2;
-}
+use crate::wire::{close_code, urgency};
 
 /// Where a connection's events go. Implemented by the NIF (Erlang messages) and by tests.
 pub trait Events: Send + Sync + 'static {
@@ -49,7 +45,7 @@ pub trait Events: Send + Sync + 'static {
     fn handshake_frame(&self, frame: Vec<u8>);
     /// Complete distribution packets in arrival order; uses one delivery credit.
     fn data(&self, packets: Vec<Self::Packet>);
-    /// The send queue drained after [`Connection::send_data`] answered [`SendStatus::Busy`].
+    /// The send queues drained after [`Connection::send_data`] answered [`SendStatus::Busy`].
     fn writable(&self);
     /// The connection is gone; called once.
     fn closed(&self, reason: &CloseReason);
@@ -92,15 +88,6 @@ impl CloseReason {
     }
 }
 
-/// Answer of [`Connection::send_data`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum SendStatus {
-    /// Queued; send more.
-    Ready,
-    /// Queued, but the queue is full: stop until [`Events::writable`].
-    Busy,
-}
-
 /// Errors of the operations the Erlang side invokes.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConnError {
@@ -121,15 +108,6 @@ pub struct Stats {
     pub sent: u64,
     /// Bytes queued and not yet handed to QUIC.
     pub pending: u64,
-}
-
-/// Packets from `send_data` waiting for the data writer.
-#[derive(Default)]
-struct SendQueue {
-    chunks: Mutex<VecDeque<Bytes>>,
-    bytes: AtomicUsize,
-    want_writable: AtomicBool,
-    wake: Notify,
 }
 
 /// Control-stream output: handshake frames, then ticks; finally, on a graceful close,
@@ -153,7 +131,11 @@ pub struct Connection<E: Events> {
     settings: Arc<Settings>,
     initiator: bool,
     control_out: ControlOut,
-    data_out: SendQueue,
+    data_out: DataOut,
+    /// Data streams this side has opened.
+    streams_out: AtomicUsize,
+    /// Data streams the peer has opened towards us.
+    streams_in: AtomicUsize,
     handshake_in: Mutex<HandshakeInbox>,
     handshake_space: Notify,
     data_credit: Semaphore,
@@ -169,6 +151,7 @@ impl<E: Events> Connection<E> {
     /// open. Must run inside the tokio runtime.
     pub fn start(established: Established, initiator: bool, events: E, settings: Arc<Settings>) -> Arc<Self> {
         let Established { quic, control, gate } = established;
+        let data_out = DataOut::new(settings.data_streams, settings.send_queue_limit);
         let conn = Arc::new(Connection {
             quic,
             gate,
@@ -176,7 +159,9 @@ impl<E: Events> Connection<E> {
             settings,
             initiator,
             control_out: ControlOut::default(),
-            data_out: SendQueue::default(),
+            data_out,
+            streams_out: AtomicUsize::new(0),
+            streams_in: AtomicUsize::new(0),
             handshake_in: Mutex::new(HandshakeInbox::default()),
             handshake_space: Notify::new(),
             data_credit: Semaphore::new(0),
@@ -190,8 +175,10 @@ impl<E: Events> Connection<E> {
         tokio::spawn(conn.clone().watch_close());
         tokio::spawn(conn.clone().write_control(control_send));
         tokio::spawn(conn.clone().read_control(control_recv));
-        tokio::spawn(conn.clone().write_data());
-        tokio::spawn(conn.clone().read_data());
+        for index in 0..conn.data_out.stream_count() {
+            tokio::spawn(conn.clone().write_data(index));
+        }
+        tokio::spawn(conn.clone().accept_data_streams());
         conn
     }
 
@@ -251,26 +238,26 @@ impl<E: Events> Connection<E> {
         self.data_credit.add_permits(1);
     }
 
-    /// Queues already framed data (`packets` frames in `chunks`). Never blocks.
-    pub fn send_data(&self, chunks: Vec<Bytes>, packets: u64) -> Result<SendStatus, ConnError> {
+    /// An encoder for this connection's outgoing packets (it reads senders only when
+    /// the connection routes by sender).
+    pub fn encoder(&self) -> frame::DataEncoder {
+        frame::DataEncoder::new(self.data_out.by_sender())
+    }
+
+    /// Queues framed packets on their data streams. Never blocks.
+    pub fn send_data(&self, packets: Vec<OutgoingPacket>) -> Result<SendStatus, ConnError> {
         self.check_open()?;
-        let queue = &self.data_out;
-        let len = chunks.iter().map(Bytes::len).sum();
-        lock(&queue.chunks).extend(chunks);
-        let queued = queue.bytes.fetch_add(len, Ordering::SeqCst) + len;
-        self.sent.fetch_add(packets, Ordering::Relaxed);
-        queue.wake.notify_one();
-        if queued < self.settings.send_queue_limit {
-            return Ok(SendStatus::Ready);
-        }
-        queue.want_writable.store(true, Ordering::SeqCst);
-        // The writer may have drained the queue before it could see the flag.
-        if queue.bytes.load(Ordering::SeqCst) <= self.low_watermark()
-            && queue.want_writable.swap(false, Ordering::SeqCst)
-        {
-            return Ok(SendStatus::Ready);
-        }
-        Ok(SendStatus::Busy)
+        self.sent.fetch_add(packets.len() as u64, Ordering::Relaxed);
+        Ok(self.data_out.push(packets))
+    }
+
+    /// Data streams: `(opened by this side, opened by the peer, pool size)`.
+    pub fn data_streams(&self) -> (usize, usize, usize) {
+        (
+            self.streams_out.load(Ordering::Relaxed),
+            self.streams_in.load(Ordering::Relaxed),
+            self.data_out.stream_count(),
+        )
     }
 
     /// This side's cookie proof for this TLS session (see [`crate::auth`]).
@@ -310,7 +297,7 @@ impl<E: Events> Connection<E> {
         Stats {
             received: self.received.load(Ordering::Relaxed),
             sent: self.sent.load(Ordering::Relaxed),
-            pending: self.data_out.bytes.load(Ordering::Relaxed) as u64,
+            pending: self.data_out.queued() as u64,
         }
     }
 
@@ -360,10 +347,6 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    fn low_watermark(&self) -> usize {
-        self.settings.send_queue_limit / 2
-    }
-
     fn violation(&self, what: String) {
         self.close_with(CloseReason::ProtocolViolation(what), close_code::PROTOCOL_VIOLATION, b"protocol violation");
     }
@@ -379,7 +362,7 @@ impl<E: Events> Connection<E> {
     }
 
     async fn write_control(self: Arc<Self>, mut stream: SendStream) {
-        let _ = stream.set_priority(1);
+        let _ = stream.set_priority(urgency::CONTROL);
         loop {
             tokio::select! {
                 _ = self.control_out.wake.notified() => {}
@@ -466,44 +449,54 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    async fn write_data(self: Arc<Self>) {
-        let mut stream = None;
-        let mut batch: Vec<Bytes> = Vec::new();
+    async fn write_data(self: Arc<Self>, index: usize) {
+        let urgency =
+            if self.data_out.priority_stream() == Some(index) { urgency::PRIORITY_DATA } else { urgency::DATA };
+        let mut stream: Option<SendStream> = None;
         loop {
-            batch.extend(lock(&self.data_out.chunks).drain(..));
+            let mut batch = self.data_out.take(index);
             if batch.is_empty() {
                 tokio::select! {
-                    _ = self.data_out.wake.notified() => continue,
+                    _ = self.data_out.queued_on(index) => continue,
                     _ = self.quic.closed() => return,
                 }
             }
-            if stream.is_none() {
-                match self.quic.open_uni().await {
-                    Ok(s) => stream = Some(s),
-                    Err(_) => return,
+            let out = match stream.as_mut() {
+                Some(out) => out,
+                None => {
+                    let Ok(opened) = self.quic.open_uni().await else { return };
+                    let _ = opened.set_priority(urgency);
+                    self.streams_out.fetch_add(1, Ordering::Relaxed);
+                    stream.insert(opened)
                 }
-            }
-            let Some(out) = stream.as_mut() else { return };
+            };
             let len: usize = batch.iter().map(Bytes::len).sum();
             if out.write_all_chunks(&mut batch).await.is_err() {
                 return;
             }
-            batch.clear();
-            let left = self.data_out.bytes.fetch_sub(len, Ordering::SeqCst) - len;
-            if left <= self.low_watermark() && self.data_out.want_writable.swap(false, Ordering::SeqCst) {
+            if self.data_out.written(index, len) {
                 self.events.writable();
             }
         }
     }
 
-    async fn read_data(self: Arc<Self>) {
-        let mut stream = tokio::select! {
-            accepted = self.quic.accept_uni() => match accepted {
-                Ok(stream) => stream,
-                Err(_) => return,
-            },
-            _ = self.quic.closed() => return,
-        };
+    /// Starts a reader for every data stream the peer opens (at most
+    /// [`crate::wire::MAX_DATA_STREAMS`], by the transport parameters).
+    async fn accept_data_streams(self: Arc<Self>) {
+        loop {
+            let stream = tokio::select! {
+                accepted = self.quic.accept_uni() => match accepted {
+                    Ok(stream) => stream,
+                    Err(_) => return,
+                },
+                _ = self.quic.closed() => return,
+            };
+            self.streams_in.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(self.clone().read_data(stream));
+        }
+    }
+
+    async fn read_data(self: Arc<Self>, mut stream: RecvStream) {
         while !self.activated.load(Ordering::Acquire) {
             // Data that arrives before the handshake completes stays in QUIC's buffers.
             self.activate.notified().await;
@@ -517,7 +510,8 @@ impl<E: Events> Connection<E> {
         loop {
             // While the input handler has no credit for another message, keep reading
             // into the pending one (up to MAX_BATCH): a slow consumer gets fewer, fuller
-            // messages, and beyond that QUIC flow control holds the sender back.
+            // messages, and beyond that QUIC flow control holds the sender back. Credit
+            // is a fair semaphore, so the readers of several streams take turns.
             let read = tokio::select! {
                 biased;
                 permit = self.data_credit.acquire(), if !batch.packets.is_empty() => match permit {

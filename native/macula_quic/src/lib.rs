@@ -6,14 +6,19 @@
 //! Erlang messages; the tests here implement it with channels. Everything a peer sends
 //! is treated as hostile: bad input closes that one connection, never panics.
 
+pub mod admission;
 pub mod auth;
 pub mod connection;
+mod data_out;
 pub mod endpoint;
 pub mod frame;
 pub mod node_name;
+pub mod routing;
 pub mod settings;
 pub mod tls;
+pub mod wire;
 
+pub use admission::{Established, Gate};
 pub use connection::{CloseReason, ConnError, Connection, Events, SendStatus, Stats};
-pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint, Established, Gate};
+pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint};
 pub use settings::Settings;
