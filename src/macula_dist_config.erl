@@ -26,10 +26,14 @@
 
 %% The one table of options: name, default, and the check a value must pass.
 -define(OPTIONS,
-        [{stream_window, 8 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_window, 16 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_queue_limit, 4 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_batch, 1 bsl 20, {integer, 1024, 1 bsl 30}},
+        [%% 1: one ordered data stream (atom cache allowed); more: each sending process
+         %% keeps to one of that many streams, plus a priority stream.
+         {data_streams, 8, {integer, 1, 32}},
+         {stream_window, 8 bsl 20, {integer, 65536, 1 bsl 40}},
+         {send_window, 32 bsl 20, {integer, 65536, 1 bsl 40}},
+         {send_queue_limit, 8 bsl 20, {integer, 65536, 1 bsl 40}},
+         %% The most one send_data call frames on a scheduler thread.
+         {send_batch, 1 bsl 20, {integer, 1024, 8 bsl 20}},
          {max_packet, 1 bsl 30, {integer, 1024, (1 bsl 32) - 1}},
          %% Above 6500, ten GSO segments exceed the 64 KiB a UDP send may carry.
          {max_udp_payload, 6500, {integer, 1200, 6500}},
@@ -208,7 +212,7 @@ parse_forms(Path, Tokens) ->
 %% is present; PKI file names are binaries, empty in zero-configuration mode.
 -spec nif_options(config()) -> map().
 nif_options(Config) ->
-    Keys = [stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
+    Keys = [data_streams, stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
             delivery_credit, max_pending_handshakes, runtime_workers, congestion],
     Files = maps:from_list([{Key, path_binary(maps:get(Key, Config, undefined))}
                             || Key <- ?PKI_FILES]),

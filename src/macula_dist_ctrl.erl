@@ -24,6 +24,7 @@
 -export([check_opts/1, get_opts/2]).
 
 -include_lib("kernel/include/net_address.hrl").
+-include_lib("kernel/include/dist.hrl").
 -include_lib("kernel/include/dist_util.hrl").
 -include_lib("kernel/include/logger.hrl").
 
@@ -90,9 +91,12 @@ await_owner() ->
     end.
 
 batch_limit() ->
+    config(send_batch).
+
+config(Key) ->
     case persistent_term:get({macula_dist, endpoint}, undefined) of
-        {_Endpoint, _Family, #{send_batch := Limit}} -> Limit;
-        _ -> maps:get(send_batch, macula_dist_config:defaults())
+        {_Endpoint, _Family, #{Key := Value}} -> Value;
+        _ -> maps:get(Key, macula_dist_config:defaults())
     end.
 
 %%% ------------------------------------------------------------------------------------
@@ -104,6 +108,7 @@ batch_limit() ->
 hs_data(Ctrl, Conn) ->
     #hs_data{socket = Ctrl,
              this_flags = 0,
+             reject_flags = reject_flags(),
              f_send = fun(_Ctrl, Message) -> macula_dist_nif:send_handshake(Conn, Message) end,
              f_recv = fun(_Ctrl, 0, infinity) -> recv_handshake(Conn) end,
              f_setopts_pre_nodeup = fun(_Ctrl) -> ok end,
@@ -115,6 +120,15 @@ hs_data(Ctrl, Conn) ->
              mf_getstat = fun(_Ctrl) -> getstat(Conn) end,
              mf_setopts = fun(C, Opts) -> call(C, {setopts, Opts}) end,
              mf_getopts = fun(C, Opts) -> call(C, {getopts, Opts}) end}.
+
+%% Several data streams carry packets of different senders in parallel, so every packet
+%% must stand alone: no atom cache (its entries would be defined on one stream and used
+%% on another) and no fragments (dist_util:strict_order_flags/0 and CARRIER-NOTES 3.8).
+reject_flags() ->
+    case config(data_streams) of
+        1 -> 0;
+        _ -> ?DFLAG_DIST_HDR_ATOM_CACHE bor ?DFLAG_FRAGMENTS
+    end.
 
 %% dist_util wants one whole handshake message, as a list.
 recv_handshake(Conn) ->

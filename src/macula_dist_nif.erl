@@ -18,7 +18,9 @@
 -export([load/0]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
 -export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
-         peer_cert_covers/2, refuse/2, activate/2, ack_data/1, send_data/2, tick/1, stats/1, close/1, info/1]).
+         peer_cert_covers/2, refuse/2, activate/2, ack_data/1, send_data/2, send_unrouted/2,
+         tick/1, stats/1, close/1, info/1]).
+-export([set_priority/3]).
 
 -export_type([endpoint/0, conn/0, close_reason/0]).
 
@@ -118,8 +120,20 @@ activate(_Conn, _InputHandler) -> ?NOT_LOADED.
 -spec ack_data(conn()) -> ok.
 ack_data(_Conn) -> ?NOT_LOADED.
 
+%% Each packet goes on its sender's data stream (one stream in single-stream mode).
 -spec send_data(conn(), [iodata()]) -> ok | busy | {error, closed | too_large}.
 send_data(_Conn, _Packets) -> ?NOT_LOADED.
+
+%% As send_data/2, but on the fixed data stream whatever the packets say.
+-spec send_unrouted(conn(), [iodata()]) -> ok | busy | {error, closed | too_large}.
+send_unrouted(_Conn, _Packets) -> ?NOT_LOADED.
+
+%%% Node-wide
+
+%% Marks (`true') or unmarks a local process for the priority data stream;
+%% `External' is term_to_binary(Pid).
+-spec set_priority(pid(), binary(), boolean()) -> ok.
+set_priority(_Pid, _External, _On) -> ?NOT_LOADED.
 
 -spec tick(conn()) -> ok.
 tick(_Conn) -> ?NOT_LOADED.

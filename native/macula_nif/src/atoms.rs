@@ -53,4 +53,8 @@ rustler::atoms! {
     received,
     sent,
     pending,
+    data_streams,
+    pool,
+    out,
+    r#in = "in",
 }

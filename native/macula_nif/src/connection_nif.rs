@@ -7,7 +7,7 @@ use macula_quic::{ConnError, Connection, SendStatus};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::events::{self, send, ErlangEvents};
-use crate::{atoms, outgoing, runtime, terms};
+use crate::{atoms, outgoing, priority, runtime, terms};
 
 /// A connection as Erlang holds it. When the monitored owner (the controller) dies, or
 /// the last reference goes, the QUIC connection is closed.
@@ -105,16 +105,31 @@ fn ack_data(conn: Conn) -> rustler::Atom {
     atoms::ok()
 }
 
-/// Queues distribution packets (a list of iodata, one element per packet). Answers
-/// `busy` when the queue is full: stop draining until `macula_writable`.
+/// Queues distribution packets (a list of iodata, one element per packet), each on its
+/// sender's data stream. Answers `busy` when the queues are full: stop draining until
+/// `macula_writable`.
 #[rustler::nif]
 fn send_data<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<'a>> {
-    let framed = outgoing::frame_packets(packets)?;
-    Ok(match conn.conn.send_data(framed.chunks, framed.packets) {
+    let mut packets = outgoing::packets(&mut conn.conn.encoder(), packets)?;
+    priority::apply(&mut packets);
+    Ok(send_status(env, conn.conn.send_data(packets)))
+}
+
+/// As `send_data`, but every packet goes on the fixed stream, whatever its content (raw
+/// packets injected through the controller's `{send, ...}` hook).
+#[rustler::nif]
+fn send_unrouted<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<'a>> {
+    let mut packets = outgoing::packets(&mut conn.conn.encoder(), packets)?;
+    packets.iter_mut().for_each(|p| p.pin_to_fixed_stream());
+    Ok(send_status(env, conn.conn.send_data(packets)))
+}
+
+fn send_status<'a>(env: Env<'a>, status: Result<SendStatus, ConnError>) -> Term<'a> {
+    match status {
         Ok(SendStatus::Ready) => atoms::ok().encode(env),
         Ok(SendStatus::Busy) => atoms::busy().encode(env),
         Err(e) => error_term(env, e),
-    })
+    }
 }
 
 /// The role atom of a cookie proof.
@@ -200,13 +215,21 @@ fn info(env: Env, conn: Conn) -> NifResult<Term> {
         (atoms::protocol().encode(env), atoms::quic().encode(env)),
         (atoms::tls_version().encode(env), terms::text(env, macula_quic::tls::TLS_VERSION)),
         (atoms::cipher_suite().encode(env), terms::text(env, macula_quic::tls::CIPHER_SUITE)),
-        (atoms::alpn().encode(env), terms::bytes(env, macula_quic::tls::ALPN)),
+        (atoms::alpn().encode(env), terms::bytes(env, macula_quic::wire::ALPN)),
         (atoms::rtt_us().encode(env), (quic.rtt().as_micros() as u64).encode(env)),
         (atoms::mtu().encode(env), path.current_mtu.encode(env)),
         (atoms::lost_packets().encode(env), path.lost_packets.encode(env)),
         (atoms::sent_packets().encode(env), path.sent_packets.encode(env)),
         (atoms::congestion_window().encode(env), path.cwnd.encode(env)),
         (atoms::initiator().encode(env), c.is_initiator().encode(env)),
+        (atoms::data_streams().encode(env), data_streams(env, c.data_streams())),
     ];
     Term::map_from_pairs(env, &pairs)
+}
+
+/// `#{pool => N, out => Opened, in => OpenedByPeer}`.
+fn data_streams(env: Env, (out, into, pool): (usize, usize, usize)) -> Term {
+    let pairs = [(atoms::pool(), pool), (atoms::out(), out), (atoms::r#in(), into)];
+    let pairs: Vec<(Term, Term)> = pairs.iter().map(|(k, v)| (k.encode(env), v.encode(env))).collect();
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| pool.encode(env))
 }

@@ -226,7 +226,8 @@ impl<E: Events> Connection<E> {
         }
         if !self.activated.swap(true, Ordering::AcqRel) {
             self.data_credit.add_permits(self.settings.delivery_credit);
-            self.activate.notify_one();
+            // Every data stream's reader waits for this, not just one.
+            self.activate.notify_waiters();
             // Wakes a control reader waiting for inbox room: its message is a violation now.
             self.handshake_space.notify_one();
         }
@@ -357,7 +358,7 @@ impl<E: Events> Connection<E> {
         // Wake every task parked on a semaphore or notification so it can exit.
         self.handshake_space.notify_one();
         self.data_credit.close();
-        self.activate.notify_one();
+        self.activate.notify_waiters();
         self.events.closed(&reason);
     }
 
@@ -497,12 +498,17 @@ impl<E: Events> Connection<E> {
     }
 
     async fn read_data(self: Arc<Self>, mut stream: RecvStream) {
-        while !self.activated.load(Ordering::Acquire) {
-            // Data that arrives before the handshake completes stays in QUIC's buffers.
-            self.activate.notified().await;
+        // Data that arrives before the handshake completes stays in QUIC's buffers.
+        loop {
+            // Registered before the check, so a notify_waiters() in between is not lost.
+            let activated = self.activate.notified();
             if self.close_reason.get().is_some() {
                 return;
             }
+            if self.activated.load(Ordering::Acquire) {
+                break;
+            }
+            activated.await;
         }
         let mut decoder: FrameDecoder<E::Packet> = FrameDecoder::new(HeaderWidth::Four, self.settings.max_packet);
         let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];

@@ -289,3 +289,20 @@ async fn per_sender_order_holds_across_interleaved_senders() {
     }
     assert_eq!(next_seq, [50; 20]);
 }
+
+#[tokio::test]
+async fn data_on_several_streams_before_activation_is_delivered_after_it() {
+    let (client, mut server, _ce, _se) = pair().await;
+    take(&server.0, &mut server.1).await;
+    client.0.activate().unwrap();
+    let packets: Vec<Vec<u8>> = (1..=5u8).map(|i| from_sender(i, b"early")).collect();
+    let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    // Let every stream reach the receiver before it activates.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.0.data_streams().1, 5);
+    server.0.activate().unwrap();
+    let mut received = receive(&mut server, 5).await;
+    received.sort();
+    assert_eq!(received, packets);
+}
