@@ -14,7 +14,14 @@
 %%%      sender/receiver pairs with 64 KiB binaries, and 100-byte binaries
 %%%      (messages/s, acked every 1,000, 4 batches in flight). Each run is
 %%%      time bounded (default 5 s) or byte bounded, whichever comes first.
-%%%   4. CPU seconds per GB moved (utime+stime from /proc/<pid>/stat of both
+%%%   4. head-of-line blocking: while one process streams 1 MiB binaries to a
+%%%      process on B (16 in flight, acked), another pair ping-pongs small
+%%%      messages; their round trip p50/p99/max and how many completed while
+%%%      the bulk ran. For macula also with the pinging pair marked by
+%%%      macula_dist:prioritize/1. macula runs twice: with its default pool of
+%%%      data streams (column macula) and with data_streams 1 (macula-1, one
+%%%      ordered stream like TCP).
+%%%   5. CPU seconds per GB moved (utime+stime from /proc/<pid>/stat of both
 %%%      beam processes around the 1 MiB run, plus the whole host's busy time
 %%%      from /proc/stat, which also catches kernel network work) and peak
 %%%      RSS (VmHWM) per node. The CPU that other processes used meanwhile is
@@ -41,9 +48,9 @@
 %% Called on the peer nodes through peer:call/5.
 -export([dist_protocol/1, disconnect/1, wait_gone/1, wait_present/1, timed_connect/1,
          watch_start/1, watch_count/0,
-         rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7]).
+         rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7, rtt_under_bulk/3]).
 %% Spawned on the remote node B by the functions above.
--export([echo/1, receiver/2]).
+-export([echo/1, echo/2, receiver/2]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("public_key/include/public_key.hrl").
@@ -76,7 +83,7 @@ main() ->
     erlang:halt(Code).
 
 defaults() ->
-    #{carriers => [tcp, tls, macula], quick => false, markdown => undefined,
+    #{carriers => [tcp, tls, macula1, macula], quick => false, markdown => undefined,
       duration => undefined}.
 
 parse_args([], Opts) -> Opts;
@@ -96,15 +103,16 @@ parse_args([Other | _], _) ->
 carrier("tcp") -> tcp;
 carrier("tls") -> tls;
 carrier("macula") -> macula;
-carrier(C) -> throw({usage, "unknown carrier: " ++ C ++ " (use tcp,tls,macula)"}).
+carrier("macula1") -> macula1;
+carrier(C) -> throw({usage, "unknown carrier: " ++ C ++ " (use tcp,tls,macula1,macula)"}).
 
 %% Workload sizes. --quick keeps every measurement but shrinks it.
 config(#{quick := Quick, duration := Dur}) ->
     Base = case Quick of
                false -> #{connects => 20, rtts => 10000, erpcs => 2000,
-                          duration => 5000, budget => 10000000000};
+                          duration => 5000, budget => 10000000000, hol => 10000};
                true -> #{connects => 10, rtts => 2000, erpcs => 500,
-                         duration => 1000, budget => 2000000000}
+                         duration => 1000, budget => 2000000000, hol => 3000}
            end,
     case Dur of
         undefined -> Base;
@@ -133,7 +141,7 @@ run(Opts = #{carriers := Carriers}) ->
     start_watchdog(maps:get(watchdog, Ctx)),
     Results = [{C, run_carrier(C, Cfg, Ctx)} || C <- Carriers],
     %% Carriers that were not requested still get a (skipped) column.
-    All = [{C, proplists:get_value(C, Results, skipped)} || C <- [tcp, tls, macula]],
+    All = [{C, proplists:get_value(C, Results, skipped)} || C <- [tcp, tls, macula1, macula]],
     Table = render(All, Cfg),
     io:put_chars(user, maps:get(text, Table)),
     case maps:get(markdown, Opts) of
@@ -157,8 +165,9 @@ start_watchdog(Secs) ->
                   erlang:halt(3)
           end).
 
-run_carrier(macula, _Cfg, #{macula_status := Status}) when Status =/= "ok" ->
-    err("[macula] FAILED: ~s~n", [Status]),
+run_carrier(C, _Cfg, #{macula_status := Status}) when (C =:= macula orelse C =:= macula1),
+                                                      Status =/= "ok" ->
+    err("[~p] FAILED: ~s~n", [C, Status]),
     {error, Status};
 run_carrier(C, Cfg, Ctx) ->
     log(C, "starting nodes"),
@@ -181,7 +190,8 @@ run_carrier(C, Cfg, Ctx) ->
 %% epmd and a listen port range instead, see carrier_args/3.
 names(tcp) -> {"47101", "47102"};
 names(tls) -> {"47103", "47104"};
-names(macula) -> {"47001", "47002"}.
+names(macula) -> {"47001", "47002"};
+names(macula1) -> {"47003", "47004"}.
 
 carrier_args(tcp, _Name, Ctx) ->
     epmd_args(Ctx);
@@ -190,7 +200,9 @@ carrier_args(tls, Name, Ctx) ->
      | epmd_args(Ctx)];
 carrier_args(macula, _Name, #{macula_ebin := Ebin}) ->
     %% -proto_dist exactly once: a second one silently selects inet_tcp (OTP 25).
-    ["-proto_dist", "macula", "-no_epmd", "-pa", Ebin].
+    ["-proto_dist", "macula", "-no_epmd", "-pa", Ebin];
+carrier_args(macula1, Name, Ctx) ->
+    carrier_args(macula, Name, Ctx) ++ ["-macula_dist_opt", "data_streams", "1"].
 
 %% A private epmd (started by bench/run) on a non-default port, so the bench
 %% neither depends on nor disturbs a system epmd; dist listen ports are kept
@@ -345,7 +357,7 @@ erlang_certs(Dir) ->
 
 measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ctx) ->
     #{connects := NConn, rtts := NRtt, erpcs := NErpc,
-      duration := Dur, budget := Budget} = Cfg,
+      duration := Dur, budget := Budget, hol := HolMs} = Cfg,
     Start = {host_busy_secs(Ctx), cpu_secs(A, Ctx) + cpu_secs(B, Ctx), erlang:monotonic_time()},
     %% First connection doubles as warm-up (code loading, e.g. ssl on TLS).
     {ok, _} = call(PA, ?MODULE, timed_connect, [NB]),
@@ -377,6 +389,15 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
     T64x8 = call(PA, ?MODULE, parallel_throughput, [NB, 1 bsl 16, 8, 1, Dur, Budget, 8]),
     log(C, "100-byte message rate"),
     T100 = call(PA, ?MODULE, throughput, [NB, 100, 4, 1000, Dur, Budget]),
+    log(C, "small-message round trips under another pair's 1 MiB bulk transfer"),
+    Hol = call(PA, ?MODULE, rtt_under_bulk, [NB, HolMs, false]),
+    HolPrio = case C of
+                  macula ->
+                      log(C, "the same, the pinging pair prioritised"),
+                      call(PA, ?MODULE, rtt_under_bulk, [NB, HolMs, true]);
+                  _ ->
+                      #{}
+              end,
 
     case {call(PA, ?MODULE, watch_count, []), call(PB, ?MODULE, watch_count, [])} of
         {0, 0} -> ok;
@@ -394,6 +415,10 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
       erpc_p50 => maps:get(p50, Erpc), erpc_p99 => maps:get(p99, Erpc),
       tp_1m => maps:get(mb_s, T1M), tp_64k => maps:get(mb_s, T64),
       tp_64k_x8 => maps:get(mb_s, T64x8), rate_100b => maps:get(msgs_s, T100) / 1000,
+      hol_p50 => maps:get(p50, Hol), hol_p99 => maps:get(p99, Hol), hol_max => maps:get(max, Hol),
+      hol_count => maps:get(count, Hol), hol_bulk => maps:get(bulk_mb_s, Hol),
+      hol_prio_p50 => maps:get(p50, HolPrio, none), hol_prio_p99 => maps:get(p99, HolPrio, none),
+      hol_prio_max => maps:get(max, HolPrio, none),
       cpu_a => (CpuA1 - CpuA0) / GB, cpu_b => (CpuB1 - CpuB0) / GB,
       cpu_ab => (CpuA1 - CpuA0 + CpuB1 - CpuB0) / GB,
       cpu_host => (Host1 - Host0) / GB,
@@ -408,8 +433,8 @@ check_carrier(C, #{peer := PA}, #{node := NB}) ->
     Ok = case C of
              tcp -> Proto =:= tcp;
              tls -> Proto =:= tls;
-             macula -> Proto =/= tcp andalso Proto =/= tls
-                           andalso call(PA, code, is_loaded, [macula_dist]) =/= false
+             _ -> Proto =/= tcp andalso Proto =/= tls
+                      andalso call(PA, code, is_loaded, [macula_dist]) =/= false
          end,
     Ok orelse error({wrong_carrier, C, Proto}).
 
@@ -557,6 +582,13 @@ echo(From) ->
         Msg -> From ! Msg, echo(From)
     end.
 
+echo(From, Prioritize) ->
+    ok = prioritize(Prioritize),
+    echo(From).
+
+prioritize(false) -> ok;
+prioritize(true) -> macula_dist:prioritize(self()).
+
 erpc_rtt(Node, N) ->
     _ = [erpc:call(Node, erlang, node, []) || _ <- lists:seq(1, 100)],  % warm-up
     stats([begin
@@ -569,7 +601,49 @@ erpc_rtt(Node, N) ->
 stats(Samples) ->
     Sorted = list_to_tuple(lists:sort(Samples)),
     Pct = fun(P) -> to_us(element(max(1, ceil(P * tuple_size(Sorted))), Sorted)) end,
-    #{p50 => Pct(0.50), p99 => Pct(0.99)}.
+    #{p50 => Pct(0.50), p99 => Pct(0.99), max => Pct(1.0), count => tuple_size(Sorted)}.
+
+%% While one sender on this node streams 1 MiB binaries to a receiver on Node (16
+%% in flight, each acked), another process ping-pongs a small message with an echo
+%% process on Node for DurMs. Returns the ping round-trip percentiles, how many
+%% round trips completed while the bulk ran, and the bulk throughput. With
+%% Prioritize, the pinging process and its echo are marked with
+%% macula_dist:prioritize/1 before they first talk to each other.
+rtt_under_bulk(Node, DurMs, Prioritize) ->
+    Self = self(),
+    T0 = erlang:monotonic_time(),
+    Bulk = spawn_link(fun() ->
+                              Deadline = erlang:monotonic_time()
+                                  + erlang:convert_time_unit(DurMs + 500, millisecond, native),
+                              Self ! {bulk, stream(Node, rand:bytes(1 bsl 20), 16, 1,
+                                                   1 bsl 40, Deadline)}
+                      end),
+    timer:sleep(500),                                  % the bulk transfer is under way
+    Pinger = spawn_link(fun() ->
+                                ok = prioritize(Prioritize),
+                                Echo = spawn_link(Node, ?MODULE, echo, [self(), Prioritize]),
+                                End = erlang:monotonic_time()
+                                    + erlang:convert_time_unit(DurMs - 500, millisecond, native),
+                                Samples = ping_until(Echo, End, 1, []),
+                                Echo ! stop,
+                                Self ! {pings, Samples}
+                        end),
+    Samples = receive {pings, S} -> S end,
+    {Msgs, Bytes, BulkEnd} = receive {bulk, R} -> R end,
+    _ = {Bulk, Pinger, Msgs},
+    BulkSecs = to_us(BulkEnd - T0) / 1.0e6,
+    (stats(Samples))#{bulk_mb_s => Bytes / BulkSecs / 1.0e6}.
+
+ping_until(Echo, End, N, Acc) ->
+    case erlang:monotonic_time() >= End of
+        true ->
+            Acc;
+        false ->
+            T0 = erlang:monotonic_time(),
+            Echo ! N,
+            receive N -> ok end,
+            ping_until(Echo, End, N + 1, [erlang:monotonic_time() - T0 | Acc])
+    end.
 
 to_us(Native) ->
     erlang:convert_time_unit(Native * 1000, native, microsecond) / 1000.
@@ -672,6 +746,14 @@ metrics() ->
      {tp_64k,    "throughput 64 KiB msgs (MB/s)", 0},
      {tp_64k_x8, "throughput 64 KiB x8 senders (MB/s)", 0},
      {rate_100b, "100 B msgs (k msg/s)", 1},
+     {hol_p50,   "round trip under another's bulk p50 (us)", 1},
+     {hol_p99,   "round trip under another's bulk p99 (us)", 1},
+     {hol_max,   "round trip under another's bulk max (us)", 1},
+     {hol_count, "round trips done during the bulk", 0},
+     {hol_bulk,  "the bulk transfer meanwhile (MB/s)", 0},
+     {hol_prio_p50, "prioritised round trip under bulk p50 (us)", 1},
+     {hol_prio_p99, "prioritised round trip under bulk p99 (us)", 1},
+     {hol_prio_max, "prioritised round trip under bulk max (us)", 1},
      {cpu_a,     "CPU s/GB, sender node (1 MiB run)", 2},
      {cpu_b,     "CPU s/GB, receiver node (1 MiB run)", 2},
      {cpu_ab,    "CPU s/GB, both nodes (1 MiB run)", 2},
@@ -680,23 +762,30 @@ metrics() ->
      {rss_b,     "peak RSS receiver node (MiB)", 1}].
 
 render(All, Cfg) ->
-    Header = ["metric", "tcp", "tls", "macula", "macula/tcp", "macula/tls"],
+    Header = ["metric", "tcp", "tls", "macula-1", "macula", "macula/tcp", "macula/tls",
+              "macula/macula-1"],
     Get = fun(C) -> proplists:get_value(C, All) end,
-    Rows = [[Label | [cell(Get(C), K, D) || C <- [tcp, tls, macula]]
-             ++ [ratio(Get(macula), Get(O), K) || O <- [tcp, tls]]]
+    Rows = [[Label | [cell(Get(C), K, D) || C <- [tcp, tls, macula1, macula]]
+             ++ [ratio(Get(macula), Get(O), K) || O <- [tcp, tls, macula1]]]
             || {K, Label, D} <- metrics()],
     Notes = notes(All, Cfg),
     #{text => [text_table([Header | Rows]), Notes],
       markdown => [md_table([Header | Rows]), "\n", Notes]}.
 
-cell({ok, R}, K, D) -> num(maps:get(K, R), D);
+cell({ok, R}, K, D) ->
+    case maps:get(K, R) of
+        none -> "-";
+        V -> num(V, D)
+    end;
 cell({error, _}, _, _) -> "FAILED";
 cell(skipped, _, _) -> "skipped".
 
 ratio({ok, M}, {ok, O}, K) ->
-    case maps:get(K, O) of
-        V when V == 0 -> "-";
-        V -> num(maps:get(K, M) / V, 2) ++ "x"
+    case {maps:get(K, M), maps:get(K, O)} of
+        {none, _} -> "-";
+        {_, none} -> "-";
+        {_, V} when V == 0 -> "-";
+        {U, V} -> num(U / V, 2) ++ "x"
     end;
 ratio(_, _, _) -> "-".
 

@@ -37,7 +37,9 @@
          {max_packet, 1 bsl 30, {integer, 1024, (1 bsl 32) - 1}},
          %% Above 6500, ten GSO segments exceed the 64 KiB a UDP send may carry.
          {max_udp_payload, 6500, {integer, 1200, 6500}},
-         {delivery_credit, 8, {integer, 1, 1024}},
+         %% Received bytes handed to the input handler and not yet in the VM: how long
+         %% a small message may wait there behind other senders' bulk data.
+         {delivery_window, 2 bsl 20, {integer, 65536, 64 bsl 20}},
          {max_pending_handshakes, 64, {integer, 1, 100000}},
          {runtime_workers, 1, {integer, 1, 64}},
          {congestion, cubic, {one_of, [cubic, bbr, new_reno]}},
@@ -213,7 +215,7 @@ parse_forms(Path, Tokens) ->
 -spec nif_options(config()) -> map().
 nif_options(Config) ->
     Keys = [data_streams, stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
-            delivery_credit, max_pending_handshakes, runtime_workers, congestion],
+            delivery_window, max_pending_handshakes, runtime_workers, congestion],
     Files = maps:from_list([{Key, path_binary(maps:get(Key, Config, undefined))}
                             || Key <- ?PKI_FILES]),
     maps:merge(maps:with(Keys, Config),

@@ -10,10 +10,10 @@
 %%%     stops draining while the NIF's send queue is full, so the VM's busy-dist
 %%%     mechanism suspends senders. The NIF monitors it: when it dies, the QUIC
 %%%     connection is closed. Its exit reason is the nodedown reason.</li>
-%%% <li><b>Input handler</b>: the only caller of `erlang:dist_ctrl_put_data/2'. The NIF
-%%%     sends it `{macula_data, Packets}' messages only against credit it returns with
-%%%     `ack_data/1', so its mailbox stays bounded and QUIC flow control pushes back on
-%%%     the peer.</li>
+%%% <li><b>Input handler</b>: the only caller of `erlang:dist_ctrl_put_data/2', for every
+%%%     data stream. The NIF sends it `{macula_data, Credit, Packets}' messages only
+%%%     against credit (bytes) it returns with `ack_data/2', so its mailbox stays bounded
+%%%     and QUIC flow control pushes back on the peer.</li>
 %%% </ul>
 %%% Links: owner - controller - input handler; any death takes the connection down.
 %%% The controller does not trap exits, so `exit(Owner, Reason)' becomes the nodedown
@@ -232,7 +232,7 @@ loop(S) ->
         dist_data ->
             loop(drain(S));
         macula_writable ->
-            loop(drain(S#ctrl{busy = false}));
+            loop(drain_all(S));
         Other ->
             loop(handle_common(Other, S))
     end.
@@ -251,26 +251,38 @@ handle_common({From, Ref, {setopts, Opts}}, S) ->
 handle_common({From, Ref, {getopts, Opts}}, S) ->
     From ! {Ref, get_opts(Opts, S#ctrl.opts)},
     S;
-handle_common({From, Ref, info}, #ctrl{conn = Conn} = S) ->
-    From ! {Ref, macula_dist_nif:info(Conn)},
+handle_common({From, Ref, info}, #ctrl{conn = Conn, busy = Busy} = S) ->
+    From ! {Ref, (macula_dist_nif:info(Conn))#{send_blocked => Busy}},
     S;
 handle_common(_Stray, S) ->
     S.
 
 %% Moves queued packets to the NIF in batches of up to `batch_limit' bytes. Stops when
 %% the VM's queue is empty (and re-arms the notification) or the NIF says busy (and
-%% waits for macula_writable, leaving the rest in the VM's queue).
+%% waits for macula_writable, leaving the rest in the VM's queue, whose senders the VM
+%% then suspends).
+%%
+%% The VM's queue is one FIFO for every sender and a suspended sender only gets in when
+%% the queue has fallen below the busy limit. So when the NIF has room again the
+%% controller empties the VM's queue (up to `Allowance' bytes past the NIF's limit,
+%% twice the VM's busy limit): every suspended sender is resumed and a small message
+%% queued behind a bulk transfer goes out on its own stream at once, instead of losing
+%% the race for the queue to the bulk sender time after time.
 drain(#ctrl{busy = true} = S) ->
     S;
 drain(S) ->
-    drain(S, [], 0).
+    drain(S, [], 0, 0).
 
-drain(#ctrl{batch_limit = Limit} = S, Batch, Size) when Size >= Limit ->
+drain_all(S) ->
+    drain(S#ctrl{busy = false}, [], 0, 2 * erlang:system_info(dist_buf_busy_limit)).
+
+drain(#ctrl{batch_limit = Limit} = S, Batch, Size, Allowance) when Size >= Limit ->
     case push(S, Batch) of
-        ok -> drain(S, [], 0);
+        ok -> drain(S, [], 0, Allowance);
+        busy when Allowance > Size -> drain(S, [], 0, Allowance - Size);
         busy -> S#ctrl{busy = true}
     end;
-drain(#ctrl{dhandle = DHandle} = S, Batch, Size) ->
+drain(#ctrl{dhandle = DHandle} = S, Batch, Size, Allowance) ->
     case erlang:dist_ctrl_get_data(DHandle) of
         none ->
             case push(S, Batch) of
@@ -281,7 +293,7 @@ drain(#ctrl{dhandle = DHandle} = S, Batch, Size) ->
                     S#ctrl{busy = true}
             end;
         {PacketSize, Packet} ->
-            drain(S, [Packet | Batch], Size + PacketSize)
+            drain(S, [Packet | Batch], Size + PacketSize, Allowance)
     end.
 
 push(_S, []) ->
@@ -336,13 +348,23 @@ input_init(Conn) ->
         {dist_handle, DHandle} -> input_loop(Conn, DHandle)
     end.
 
+%% Batches of the priority stream go first; order only matters within a stream, and
+%% each stream's batches arrive in order.
 input_loop(Conn, DHandle) ->
     receive
-        {macula_data, Packets} ->
-            put_packets(DHandle, Packets),
-            ok = macula_dist_nif:ack_data(Conn),
-            input_loop(Conn, DHandle)
+        {macula_data, {priority, _} = Credit, Packets} ->
+            input(Conn, DHandle, Credit, Packets)
+    after 0 ->
+            receive
+                {macula_data, Credit, Packets} ->
+                    input(Conn, DHandle, Credit, Packets)
+            end
     end.
+
+input(Conn, DHandle, Credit, Packets) ->
+    put_packets(DHandle, Packets),
+    ok = macula_dist_nif:ack_data(Conn, Credit),
+    input_loop(Conn, DHandle).
 
 put_packets(DHandle, [Packet | Packets]) ->
     try erlang:dist_ctrl_put_data(DHandle, Packet) of

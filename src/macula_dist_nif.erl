@@ -9,7 +9,8 @@
 %%% <li>`{macula_incoming, Conn, PeerAddr}', `{macula_refused, PeerAddr, Why}' to the acceptor;</li>
 %%% <li>`{macula_connect, {ok, Conn} | {error, {Kind, Message}}}' to the caller of connect/4;</li>
 %%% <li>`{macula_handshake, Binary}' to the caller of recv_handshake/1;</li>
-%%% <li>`{macula_data, [Packet]}' to the input handler given to activate/2;</li>
+%%% <li>`{macula_data, Credit, [Packet]}' to the input handler given to activate/2
+%%%     (Credit goes back with ack_data/2);</li>
 %%% <li>`macula_writable' and `{macula_closed, Reason}' to the connection's owner;</li>
 %%% <li>`macula_endpoint_closed' to the caller of close_endpoint/1.</li>
 %%% </ul>
@@ -18,14 +19,15 @@
 -export([load/0]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
 -export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
-         peer_cert_covers/2, refuse/2, activate/2, ack_data/1, send_data/2, send_unrouted/2,
+         peer_cert_covers/2, refuse/2, activate/2, ack_data/2, send_data/2, send_unrouted/2,
          tick/1, stats/1, close/1, info/1]).
 -export([set_priority/3]).
 
--export_type([endpoint/0, conn/0, close_reason/0]).
+-export_type([endpoint/0, conn/0, close_reason/0, credit/0]).
 
 -type endpoint() :: reference().
 -type conn() :: reference().
+-type credit() :: {normal | priority, non_neg_integer()}.
 -type error_kind() :: bind | tls | resolve | connect.
 -type close_reason() :: connection_closed | net_tick_timeout | closed
                       | {peer_closed, non_neg_integer(), binary()}
@@ -117,8 +119,9 @@ refuse(_Conn, _Why) -> ?NOT_LOADED.
 -spec activate(conn(), pid()) -> ok | {error, closed}.
 activate(_Conn, _InputHandler) -> ?NOT_LOADED.
 
--spec ack_data(conn()) -> ok.
-ack_data(_Conn) -> ?NOT_LOADED.
+%% Returns the credit of a `{macula_data, Credit, Packets}' message.
+-spec ack_data(conn(), credit()) -> ok.
+ack_data(_Conn, _Credit) -> ?NOT_LOADED.
 
 %% Each packet goes on its sender's data stream (one stream in single-stream mode).
 -spec send_data(conn(), [iodata()]) -> ok | busy | {error, closed | too_large}.

@@ -91,18 +91,19 @@ fn recv_handshake(env: Env, conn: Conn) -> Term {
     }
 }
 
-/// Ends the handshake: data packets now flow to `input` as `{macula_data, [Packet]}`.
+/// Ends the handshake: data packets now flow to `input` as `{macula_data, Credit, [Packet]}`.
 #[rustler::nif]
 fn activate(env: Env, conn: Conn, input: LocalPid) -> Term {
     events::set(&conn.conn.events().input, input);
     ok_or_error(env, conn.conn.activate())
 }
 
-/// The input handler has consumed one `macula_data` message.
+/// The input handler has put one `{macula_data, Credit, Packets}` message's packets into
+/// the VM and returns its credit.
 #[rustler::nif]
-fn ack_data(conn: Conn) -> rustler::Atom {
-    conn.conn.ack_data();
-    atoms::ok()
+fn ack_data(conn: Conn, credit: Term) -> NifResult<rustler::Atom> {
+    conn.conn.ack_data(terms::decode_credit(credit)?);
+    Ok(atoms::ok())
 }
 
 /// Queues distribution packets (a list of iodata, one element per packet), each on its
@@ -223,6 +224,7 @@ fn info(env: Env, conn: Conn) -> NifResult<Term> {
         (atoms::congestion_window().encode(env), path.cwnd.encode(env)),
         (atoms::initiator().encode(env), c.is_initiator().encode(env)),
         (atoms::data_streams().encode(env), data_streams(env, c.data_streams())),
+        (atoms::send_queued().encode(env), c.stats().pending.encode(env)),
     ];
     Term::map_from_pairs(env, &pairs)
 }

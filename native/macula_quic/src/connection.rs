@@ -26,15 +26,17 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use thiserror::Error;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use crate::admission::{Established, Gate};
 use crate::auth::{self, Role, PROOF_LEN};
+use crate::data_in::{Batch, Credit, Delivery};
 use crate::data_out::DataOut;
 pub use crate::data_out::SendStatus;
 use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, OutgoingPacket, PacketBuf};
+use crate::routing::Class;
 use crate::settings::Settings;
-use crate::wire::{close_code, urgency};
+use crate::wire::{close_code, stream_kind, urgency};
 
 /// Where a connection's events go. Implemented by the NIF (Erlang messages) and by tests.
 pub trait Events: Send + Sync + 'static {
@@ -43,8 +45,9 @@ pub trait Events: Send + Sync + 'static {
     /// A handshake message for an owner that found none waiting in
     /// [`Connection::take_handshake_frame`].
     fn handshake_frame(&self, frame: Vec<u8>);
-    /// Complete distribution packets in arrival order; uses one delivery credit.
-    fn data(&self, packets: Vec<Self::Packet>);
+    /// Complete distribution packets of one stream, in arrival order, holding `credit`
+    /// until it comes back through [`Connection::ack_data`].
+    fn data(&self, packets: Vec<Self::Packet>, credit: Credit);
     /// The send queues drained after [`Connection::send_data`] answered [`SendStatus::Busy`].
     fn writable(&self);
     /// The connection is gone; called once.
@@ -138,7 +141,7 @@ pub struct Connection<E: Events> {
     streams_in: AtomicUsize,
     handshake_in: Mutex<HandshakeInbox>,
     handshake_space: Notify,
-    data_credit: Semaphore,
+    delivery: Delivery,
     activated: AtomicBool,
     activate: Notify,
     received: AtomicU64,
@@ -152,6 +155,7 @@ impl<E: Events> Connection<E> {
     pub fn start(established: Established, initiator: bool, events: E, settings: Arc<Settings>) -> Arc<Self> {
         let Established { quic, control, gate } = established;
         let data_out = DataOut::new(settings.data_streams, settings.send_queue_limit);
+        let delivery = Delivery::new(settings.delivery_window);
         let conn = Arc::new(Connection {
             quic,
             gate,
@@ -164,7 +168,7 @@ impl<E: Events> Connection<E> {
             streams_in: AtomicUsize::new(0),
             handshake_in: Mutex::new(HandshakeInbox::default()),
             handshake_space: Notify::new(),
-            data_credit: Semaphore::new(0),
+            delivery,
             activated: AtomicBool::new(false),
             activate: Notify::new(),
             received: AtomicU64::new(0),
@@ -216,8 +220,9 @@ impl<E: Events> Connection<E> {
         Ok(None)
     }
 
-    /// Ends the handshake phase: data stream reading starts with `credit` messages of
-    /// delivery credit, and non-empty control frames become protocol violations.
+    /// Ends the handshake phase: data stream reading starts (with `delivery_window`
+    /// bytes of delivery credit), and non-empty control frames become protocol
+    /// violations.
     pub fn activate(&self) -> Result<(), ConnError> {
         self.check_open()?;
         if !lock(&self.handshake_in).frames.is_empty() {
@@ -225,7 +230,7 @@ impl<E: Events> Connection<E> {
             return Err(ConnError::Closed);
         }
         if !self.activated.swap(true, Ordering::AcqRel) {
-            self.data_credit.add_permits(self.settings.delivery_credit);
+            self.delivery.open();
             // Every data stream's reader waits for this, not just one.
             self.activate.notify_waiters();
             // Wakes a control reader waiting for inbox room: its message is a violation now.
@@ -234,9 +239,9 @@ impl<E: Events> Connection<E> {
         Ok(())
     }
 
-    /// Returns one delivery credit (the input handler consumed a data message).
-    pub fn ack_data(&self) {
-        self.data_credit.add_permits(1);
+    /// Returns the credit of a delivered batch (the input handler put it into the VM).
+    pub fn ack_data(&self, credit: Credit) {
+        self.delivery.release(credit);
     }
 
     /// An encoder for this connection's outgoing packets (it reads senders only when
@@ -357,7 +362,7 @@ impl<E: Events> Connection<E> {
         let reason = self.close_reason.get_or_init(|| CloseReason::from_quic(&error)).clone();
         // Wake every task parked on a semaphore or notification so it can exit.
         self.handshake_space.notify_one();
-        self.data_credit.close();
+        self.delivery.close();
         self.activate.notify_waiters();
         self.events.closed(&reason);
     }
@@ -465,8 +470,12 @@ impl<E: Events> Connection<E> {
             let out = match stream.as_mut() {
                 Some(out) => out,
                 None => {
-                    let Ok(opened) = self.quic.open_uni().await else { return };
+                    let Ok(mut opened) = self.quic.open_uni().await else { return };
                     let _ = opened.set_priority(urgency);
+                    let kind = if urgency == urgency::DATA { stream_kind::NORMAL } else { stream_kind::PRIORITY };
+                    if opened.write_all(&[kind]).await.is_err() {
+                        return;
+                    }
                     self.streams_out.fetch_add(1, Ordering::Relaxed);
                     stream.insert(opened)
                 }
@@ -510,25 +519,32 @@ impl<E: Events> Connection<E> {
             }
             activated.await;
         }
+        // The stream's first byte says what it carries.
+        let mut kind = [0u8];
+        let class = match stream.read_exact(&mut kind).await {
+            Ok(()) if kind[0] == stream_kind::NORMAL => Class::Normal,
+            Ok(()) if kind[0] == stream_kind::PRIORITY => Class::Priority,
+            Ok(()) => return self.violation(format!("data stream of unknown kind {}", kind[0])),
+            Err(_) => return,
+        };
         let mut decoder: FrameDecoder<E::Packet> = FrameDecoder::new(HeaderWidth::Four, self.settings.max_packet);
         let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
         let mut batch = Batch::default();
         loop {
-            // While the input handler has no credit for another message, keep reading
-            // into the pending one (up to MAX_BATCH): a slow consumer gets fewer, fuller
-            // messages, and beyond that QUIC flow control holds the sender back. Credit
-            // is a fair semaphore, so the readers of several streams take turns.
+            // While there is no credit for the pending batch, keep reading into it (up
+            // to MAX_BATCH): a slow consumer gets fewer, fuller messages, and beyond
+            // that QUIC flow control holds this stream's sender back. Credit is a fair
+            // semaphore, so the readers of several streams take turns.
             let read = tokio::select! {
                 biased;
-                permit = self.data_credit.acquire(), if !batch.packets.is_empty() => match permit {
-                    Ok(permit) => {
-                        permit.forget();
-                        self.events.data(batch.take());
+                credit = self.delivery.acquire(class, batch.bytes), if !batch.packets.is_empty() => match credit {
+                    Ok(credit) => {
+                        self.events.data(batch.take().0, credit);
                         continue;
                     }
                     Err(_) => return,
                 },
-                read = stream.read_chunks(&mut chunks), if batch.packets.is_empty() || batch.bytes < MAX_BATCH => read,
+                read = stream.read_chunks(&mut chunks), if batch.has_room() => read,
             };
             let n = match read {
                 Ok(Some(n)) => n,
@@ -555,36 +571,6 @@ struct HandshakeInbox {
     frames: VecDeque<Vec<u8>>,
     /// The owner asked and found nothing: the next message goes to it as an event.
     waiting: bool,
-}
-
-/// Largest pending delivery, in stream bytes, before reading pauses for credit.
-const MAX_BATCH: usize = 1 << 20;
-
-/// Packets decoded and not yet delivered.
-struct Batch<P> {
-    packets: Vec<P>,
-    bytes: usize,
-}
-
-impl<P> Default for Batch<P> {
-    fn default() -> Self {
-        Batch { packets: Vec::new(), bytes: 0 }
-    }
-}
-
-impl<P> Batch<P> {
-    fn push(&mut self, frame: Frame<P>) {
-        if let Frame::Packet(packet) = frame {
-            self.packets.push(packet);
-        }
-    }
-
-    /// Bytes count from the last delivery, so a packet larger than MAX_BATCH still
-    /// gets read to its end (reading stops only while complete packets wait).
-    fn take(&mut self) -> Vec<P> {
-        self.bytes = 0;
-        std::mem::take(&mut self.packets)
-    }
 }
 
 impl<E: Events> Drop for Connection<E> {

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod auth;
 pub mod connection;
+mod data_in;
 mod data_out;
 pub mod endpoint;
 pub mod frame;
@@ -20,5 +21,6 @@ pub mod wire;
 
 pub use admission::{Established, Gate};
 pub use connection::{CloseReason, ConnError, Connection, Events, SendStatus, Stats};
+pub use data_in::Credit;
 pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint};
 pub use settings::Settings;

@@ -45,8 +45,9 @@ pub struct Settings {
     pub max_packet: usize,
     /// Upper bound for path MTU discovery (UDP payload bytes).
     pub max_udp_payload: u16,
-    /// Data messages delivered to the input handler before it acknowledges any.
-    pub delivery_credit: usize,
+    /// Bytes of data delivered to the input handler and not yet put into the VM: the
+    /// longest a small message waits there behind other senders' bulk data.
+    pub delivery_window: usize,
     /// Congestion controller.
     pub congestion: Congestion,
     /// QUIC handshakes allowed to be in progress at once.
@@ -67,7 +68,7 @@ impl Default for Settings {
             data_streams: 8,
             max_packet: 1 << 30,
             max_udp_payload: 6500,
-            delivery_credit: 8,
+            delivery_window: 2 << 20,
             max_pending_handshakes: 64,
             congestion: Congestion::Cubic,
             pki: None,

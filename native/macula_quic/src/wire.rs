@@ -32,6 +32,14 @@ pub mod urgency {
     pub const DATA: i32 = 0;
 }
 
+/// The first byte of every data stream: what it carries.
+pub mod stream_kind {
+    /// Traffic of ordinary processes (and packets without a known sender).
+    pub const NORMAL: u8 = 0;
+    /// Traffic of processes marked with `macula_dist:prioritize/1`.
+    pub const PRIORITY: u8 = 1;
+}
+
 /// The most data streams one side may open (the peer's `data_streams` plus its priority
 /// stream); the transport parameters allow this many, whatever this side's own setting.
 pub const MAX_DATA_STREAMS: u32 = 33;

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use macula_quic::auth::Role;
 use macula_quic::frame::OutgoingPacket;
-use macula_quic::{CloseReason, Connection, Endpoint, Events, Settings};
+use macula_quic::{CloseReason, Connection, Credit, Endpoint, Events, Settings};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 #[derive(Debug)]
 enum Event {
     Handshake(Vec<u8>),
-    Data(Vec<Vec<u8>>),
+    Data(Vec<Vec<u8>>, Credit),
     Writable,
     Closed(CloseReason),
 }
@@ -27,8 +27,8 @@ impl Events for ChannelEvents {
     fn handshake_frame(&self, frame: Vec<u8>) {
         let _ = self.0.send(Event::Handshake(frame));
     }
-    fn data(&self, packets: Vec<Vec<u8>>) {
-        let _ = self.0.send(Event::Data(packets));
+    fn data(&self, packets: Vec<Vec<u8>>, credit: Credit) {
+        let _ = self.0.send(Event::Data(packets, credit));
     }
     fn writable(&self) {
         let _ = self.0.send(Event::Writable);
@@ -152,9 +152,9 @@ async fn handshake_frames_then_data_in_order() {
             client.send_data(framed(&client, &[b"three"])).unwrap();
         }
         match next(&mut server_rx).await {
-            Event::Data(packets) => {
+            Event::Data(packets, credit) => {
                 received.extend(packets);
-                server.ack_data();
+                server.ack_data(credit);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -220,9 +220,9 @@ async fn receive(server: &mut Side, count: usize) -> Vec<Vec<u8>> {
     let mut received = Vec::new();
     while received.len() < count {
         match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap() {
-            Event::Data(packets) => {
+            Event::Data(packets, credit) => {
                 received.extend(packets);
-                conn.ack_data();
+                conn.ack_data(credit);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -305,4 +305,81 @@ async fn data_on_several_streams_before_activation_is_delivered_after_it() {
     let mut received = receive(&mut server, 5).await;
     received.sort();
     assert_eq!(received, packets);
+}
+
+#[tokio::test]
+async fn packets_larger_than_half_the_stream_window_flow() {
+    let small_window = Settings { stream_window: 2 << 20, ..test_settings() };
+    let (client, mut server, _ce, _se) = pair_with(small_window.clone(), small_window).await;
+    activated(&client, &mut server).await;
+    let chunk = vec![3u8; 1 << 20];
+    let bulk: Vec<Vec<u8>> = (0..20).map(|_| from_sender(1, &chunk)).collect();
+    let refs: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    assert_eq!(receive(&mut server, 20).await.len(), 20);
+}
+
+/// Bulk one way (16 packets of 1 MiB in flight, each acknowledged by a small packet
+/// the other way) while another pair of senders ping-pongs: nothing may stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn bulk_with_acks_and_ping_pong_never_stall() {
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let (c, mut crx) = client;
+    let (s, mut srx) = server;
+    let chunk = vec![5u8; 1 << 20];
+    let bulk = from_sender(1, &chunk);
+    let ack = from_sender(7, b"ack");
+    let ping = from_sender(2, b"ping");
+    let pong = from_sender(8, b"pong");
+    let send = |conn: &Connection<ChannelEvents>, p: &[u8]| {
+        conn.send_data(framed(conn, &[p])).unwrap();
+    };
+    for _ in 0..16 {
+        send(&c, &bulk);
+    }
+    send(&c, &ping);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let (mut bulks, mut pings) = (0u32, 0u32);
+    while tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            event = srx.recv() => match event.unwrap() {
+                Event::Data(packets, credit) => {
+                    for p in packets {
+                        if p == bulk { bulks += 1; send(&s, &ack); } else if p == ping { send(&s, &pong); }
+                    }
+                    s.ack_data(credit);
+                }
+                other => panic!("server: {other:?}"),
+            },
+            event = crx.recv() => match event.unwrap() {
+                Event::Data(packets, credit) => {
+                    for p in packets {
+                        if p == ack { send(&c, &bulk); } else if p == pong { pings += 1; send(&c, &ping); }
+                    }
+                    c.ack_data(credit);
+                }
+                Event::Writable => {}
+                other => panic!("client: {other:?}"),
+            },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                panic!("stalled after {bulks} bulk packets and {pings} pings");
+            }
+        }
+    }
+    assert!(bulks > 50 && pings > 50, "bulk {bulks} pings {pings}");
+}
+
+#[tokio::test]
+async fn the_accepting_side_opens_every_stream_of_its_pool() {
+    let (mut client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let packets: Vec<Vec<u8>> = (1..=20u8).map(|i| from_sender(i, b"from the acceptor")).collect();
+    let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
+    server.0.send_data(framed(&server.0, &refs)).unwrap();
+    let mut received = receive(&mut client, 20).await;
+    received.sort();
+    assert_eq!(received, packets);
+    assert_eq!(server.0.data_streams().0, 8);
+    assert_eq!(client.0.data_streams().1, 8);
 }
