@@ -57,6 +57,9 @@ priv_dir() ->
 
 %%% Endpoint
 
+%% How long listen/3 and rebind/3 wait for the runtime thread that binds the socket.
+-define(BIND_TIMEOUT, 10000).
+
 %% Binds the node's UDP endpoint (on a runtime thread; this waits for the answer).
 -spec listen(inet:ip_address(), inet:port_number(), map()) ->
           {ok, endpoint()} | {error, {error_kind(), binary()}}.
@@ -64,6 +67,8 @@ listen(Ip, Port, Options) ->
     ok = start_listen(Ip, Port, Options),
     receive
         {macula_listen, Result} -> Result
+    after ?BIND_TIMEOUT ->
+            {error, {bind, <<"the runtime thread did not answer">>}}
     end.
 
 start_listen(_Ip, _Port, _Options) -> ?NOT_LOADED.
@@ -80,8 +85,17 @@ connect(_Endpoint, _Host, _Port, _Owner) -> ?NOT_LOADED.
 -spec close_endpoint(endpoint()) -> ok.
 close_endpoint(_Endpoint) -> ?NOT_LOADED.
 
+%% Moves the endpoint to a new UDP socket (bound on a runtime thread; this waits).
 -spec rebind(endpoint(), inet:ip_address(), inet:port_number()) -> ok | {error, {bind, binary()}}.
-rebind(_Endpoint, _Ip, _Port) -> ?NOT_LOADED.
+rebind(Endpoint, Ip, Port) ->
+    ok = start_rebind(Endpoint, Ip, Port),
+    receive
+        {macula_rebind, Result} -> Result
+    after ?BIND_TIMEOUT ->
+            {error, {bind, <<"the runtime thread did not answer">>}}
+    end.
+
+start_rebind(_Endpoint, _Ip, _Port) -> ?NOT_LOADED.
 
 %%% Connection
 

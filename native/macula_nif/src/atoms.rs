@@ -18,6 +18,7 @@ rustler::atoms! {
     macula_writable,
     macula_closed,
     macula_endpoint_closed,
+    macula_rebind,
     // Close reasons.
     connection_closed,
     net_tick_timeout,
