@@ -43,8 +43,9 @@
 %%% (internal paths) and plain arguments after -extra (user options).
 -module(macula_bench).
 
-%% Orchestrator entry point (erl -s macula_bench main -extra ARGS).
--export([main/0]).
+%% Orchestrator entry points (erl -s macula_bench main -extra ARGS; bench/netns runs
+%% netns_main).
+-export([main/0, netns_main/0]).
 %% Called on the peer nodes through peer:call/5.
 -export([dist_protocol/1, disconnect/1, wait_gone/1, wait_present/1, timed_connect/1,
          watch_start/1, watch_count/0,
@@ -730,6 +731,77 @@ receiver(Sender, AckEvery, Pending, Msgs, Bytes) ->
         {done, Sender} ->
             Sender ! {received, Msgs, Bytes}
     end.
+
+%%====================================================================
+%% Between two network namespaces (bench/netns)
+%%====================================================================
+
+%% bench/netns has made the namespaces, the veth link and the loss rule; this starts
+%% one node in each for every carrier, runs rtt_under_bulk/3 on A and prints one line
+%% per carrier: carrier p50_us p99_us max_us round_trips bulk_MB_s.
+netns_main() ->
+    group_leader(whereis(standard_error), self()),
+    Env = fun(K) -> os:getenv("MACULA_BENCH_" ++ K, "") end,
+    Code = try
+               [NsA, NsB] = string:lexemes(Env("NETNS"), ","),
+               [IpA, IpB] = string:lexemes(Env("NETNS_IPS"), ","),
+               Ctx = (context())#{netns => {NsA, NsB}, ips => {IpA, IpB}},
+               DurMs = list_to_integer(Env("HOL_MS")),
+               [netns_carrier(carrier(C), DurMs, Ctx) || C <- string:lexemes(Env("CARRIERS"), ",")],
+               0
+           catch
+               Class:Reason:Stack ->
+                   err("bench/netns crashed: ~p:~p~n~p~n", [Class, Reason, Stack]),
+                   stop_all_nodes(),
+                   2
+           end,
+    erlang:halt(Code).
+
+netns_carrier(C, DurMs, Ctx = #{netns := {NsA, NsB}, ips := {IpA, IpB}}) ->
+    log(C, "starting nodes in ~s and ~s", [NsA, NsB]),
+    try
+        {NameA, NameB} = names(C),
+        A = start_netns_node(C, NameA, NsA, IpA, Ctx),
+        B = start_netns_node(C, NameB, NsB, IpB, Ctx),
+        {ok, _} = call(maps:get(peer, A), ?MODULE, timed_connect, [maps:get(node, B)]),
+        check_carrier(C, A, B),
+        R = call(maps:get(peer, A), ?MODULE, rtt_under_bulk, [maps:get(node, B), DurMs, false]),
+        io:format(user, "~p ~.1f ~.1f ~.1f ~p ~.0f~n",
+                  [C, maps:get(p50, R), maps:get(p99, R), maps:get(max, R), maps:get(count, R),
+                   maps:get(bulk_mb_s, R)])
+    catch
+        Class:Reason:Stack ->
+            err("[~p] FAILED: ~p:~p~n  ~p~n", [C, Class, Reason, Stack]),
+            io:format(user, "~p FAILED~n", [C])
+    after
+        stop_all_nodes()
+    end.
+
+%% inet_tcp and inet_tls without epmd: every node listens on one fixed port
+%% (-erl_epmd_port), which works because each namespace has its own address.
+netns_args(macula, Name, Ctx) -> carrier_args(macula, Name, Ctx);
+netns_args(macula1, Name, Ctx) -> carrier_args(macula1, Name, Ctx);
+netns_args(tls, Name, Ctx) ->
+    ["-proto_dist", "inet_tls", "-ssl_dist_optfile", tls_optfile(Name, Ctx) | netns_args(tcp, Name, Ctx)];
+netns_args(tcp, _Name, _Ctx) ->
+    ["-erl_epmd_port", "47120"].
+
+start_netns_node(C, Name, Ns, Ip, Ctx = #{bench_ebin := Ebin, cookie := Cookie}) ->
+    Erl = os:find_executable("erl"),
+    IpCmd = case os:find_executable("ip", "/usr/sbin:/sbin:/usr/bin:/bin") of
+                false -> "ip";
+                Found -> Found
+            end,
+    Args = ["-setcookie", Cookie, "-pa", Ebin, "-start_epmd", "false"
+            | netns_args(C, Name, Ctx)],
+    Opts = #{name => Name, host => Ip, longnames => true,
+             connection => standard_io,         % no TCP back to us from inside
+             exec => {IpCmd, ["netns", "exec", Ns, Erl]},
+             args => Args, wait_boot => 20000},
+    {ok, Peer, Node} = peer:start_link(Opts),
+    OsPid = list_to_integer(peer:call(Peer, os, getpid, [])),
+    track(Peer, OsPid),
+    #{peer => Peer, node => Node, ospid => OsPid}.
 
 %%====================================================================
 %% Report

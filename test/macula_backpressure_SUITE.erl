@@ -64,9 +64,13 @@
 %% stalled_input_handler: the same for B while its input handler is stalled (QUIC may
 %% buffer a stream window, 8 MiB, and the NIF a pending delivery for it).
 -define(STALL_GROWTH_LIMIT_KIB, 32768).
-%% Largest message queue accepted for the connection's processes (delivery credit is 8).
+%% Largest message queue accepted for the controller and the owner.
 -define(QUEUE_LIMIT, 16).
--define(DELIVERY_CREDIT, 8).
+%% The input handler holds at most 16 batches from each credit pool (normal, priority).
+-define(INPUT_QUEUE_LIMIT, 32).
+%% Bytes of delivered batches the input handler may hold (delivery_window, 2 MiB by
+%% default, plus the priority stream's 256 KiB).
+-define(DELIVERY_WINDOW, (2 bsl 20 + 256 bsl 10)).
 %% slow_receiver: the receiver acks every ?ACK_EVERY messages; a sender keeps at most
 %% ?WINDOW messages unacknowledged.
 -define(ACK_EVERY, 8).
@@ -380,6 +384,8 @@ stalled_input_handler(Config) ->
     CountsEnd = load_counts(A),
     probe_phase(A, resumed),
     InputQueueEnd = ?P:call(B, erlang, process_info, [Input, message_queue_len]),
+    {messages, Held} = ?P:call(B, erlang, process_info, [Input, messages]),
+    HeldCredit = lists:sum([Bytes || {macula_data, {_, Bytes}, _} <- Held]),
     TResume = now_ms(),
     Resumed = ?P:run(B, fun() -> stop_staller() end),
     timer:sleep(1500),
@@ -424,8 +430,7 @@ stalled_input_handler(Config) ->
     ?assert(GrowthA =< ?RSS_LIMIT_KIB, {rss_growth_kib_a, GrowthA}),
     ?assert(GrowthB =< ?STALL_GROWTH_LIMIT_KIB, {rss_growth_kib_b, GrowthB}),
     %% The NIF delivered against credit only.
-    {message_queue_len, InputQueue} = InputQueueEnd,
-    ?assert(InputQueue =< ?DELIVERY_CREDIT, {input_queue, InputQueue}),
+    ?assert(HeldCredit =< ?DELIVERY_WINDOW, {input_handler_holds, HeldCredit, bytes}),
     assert_queues(QueuesA),
     assert_queues(QueuesB),
     %% Backpressure reached A's senders.
@@ -437,9 +442,10 @@ stalled_input_handler(Config) ->
     assert_received(Sent, Received),
     {comment, format("stalled ~b ms; RSS A: idle ~b MiB, stalled max ~b MiB, growth while stalled"
                      " ~.1f MiB; B: idle ~b MiB, stalled max ~b MiB, growth while stalled ~.1f MiB;"
-                     " input queue ~w; ~b msgs sent, all received in order; ~b busy_dist_port events",
+                     " input handler holds ~b bytes; ~b msgs sent, all received in order;"
+                     " ~b busy_dist_port events",
                      [StallMs, IdleA div 1024, StalledA div 1024, GrowthA / 1024,
-                      IdleB div 1024, StalledB div 1024, GrowthB / 1024, InputQueue,
+                      IdleB div 1024, StalledB div 1024, GrowthB / 1024, HeldCredit,
                       total(Sent), maps:get(count, BusyEvents)])}.
 
 format(Format, Args) ->
@@ -451,9 +457,10 @@ format(Format, Args) ->
 
 %% The connection's processes only (not the application's receiver).
 assert_queues(Queues) ->
+    Limit = fun(input) -> ?INPUT_QUEUE_LIMIT; (_) -> ?QUEUE_LIMIT end,
     Over = [{Name, Q} || {Name, #{max := Max} = Q} <- maps:to_list(maps:with([ctrl, input, owner], Queues)),
-                         Max > ?QUEUE_LIMIT],
-    ?assertEqual([], Over, {queue_limit, ?QUEUE_LIMIT}).
+                         Max > Limit(Name)],
+    ?assertEqual([], Over, {queue_limits, ?QUEUE_LIMIT, input, ?INPUT_QUEUE_LIMIT}).
 
 %% Per sender: as many received as sent, the next expected number right after the
 %% last sent one, and no sequence error.

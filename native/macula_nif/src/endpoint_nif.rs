@@ -161,7 +161,12 @@ fn close_endpoint(env: Env, endpoint: ResourceArc<EndpointResource>) -> rustler:
 /// bound on a runtime thread, not the caller's scheduler; the caller gets
 /// `{macula_rebind, ok | {error, {bind, Message}}}`.
 #[rustler::nif]
-fn start_rebind<'a>(env: Env<'a>, endpoint: ResourceArc<EndpointResource>, ip: Term<'a>, port: u16) -> NifResult<rustler::Atom> {
+fn start_rebind<'a>(
+    env: Env<'a>,
+    endpoint: ResourceArc<EndpointResource>,
+    ip: Term<'a>,
+    port: u16,
+) -> NifResult<rustler::Atom> {
     let addr = SocketAddr::new(terms::decode_ip(ip)?, port);
     let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
     let caller = env.pid();

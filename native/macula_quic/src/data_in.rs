@@ -16,6 +16,10 @@ use crate::routing::Class;
 /// Credit of the priority stream: small messages of prioritised processes.
 const PRIORITY_WINDOW: usize = 256 << 10;
 
+/// A batch costs at least this share of its pool's window, so the input handler's
+/// mailbox holds at most this many batches per pool however small they are.
+const MAX_BATCHES_PER_POOL: usize = 16;
+
 /// Largest pending delivery, in stream bytes, before a reader pauses for credit.
 pub(crate) const MAX_BATCH: usize = 1 << 20;
 
@@ -62,8 +66,8 @@ impl Delivery {
     /// whole window takes all of it, so it waits for everything before it.
     pub(crate) async fn acquire(&self, class: Class, bytes: usize) -> Result<Credit, AcquireError> {
         let (pool, window) = self.pool(class);
-        // The window is at most a few MiB, so the cost fits a u32.
-        let cost = bytes.clamp(1, window) as u32;
+        // The window is at most a few tens of MiB, so the cost fits a u32.
+        let cost = bytes.clamp((window / MAX_BATCHES_PER_POOL).max(1), window) as u32;
         pool.acquire_many(cost).await?.forget();
         Ok(Credit { class, bytes: cost })
     }
@@ -123,9 +127,19 @@ mod tests {
         let normal = tokio::time::timeout(std::time::Duration::from_millis(50), delivery.acquire(Class::Normal, 1));
         assert!(normal.await.is_err());
         let prio = delivery.acquire(Class::Priority, 10).await.unwrap();
-        assert_eq!(prio, Credit { class: Class::Priority, bytes: 10 });
+        assert_eq!(
+            prio,
+            Credit { class: Class::Priority, bytes: (PRIORITY_WINDOW / 16) as u32 },
+            "the least a batch costs"
+        );
         delivery.release(big);
         assert_eq!(delivery.acquire(Class::Normal, 600).await.unwrap().bytes, 600);
+        // At most 16 batches per pool, however small.
+        let mut small = Vec::new();
+        for _ in 0..6 {
+            small.push(delivery.acquire(Class::Normal, 1).await.unwrap());
+        }
+        assert!(small.iter().all(|c| c.bytes == 1000 / 16));
         // A forged, oversized release cannot raise the window.
         delivery.release(Credit { class: Class::Normal, bytes: u32::MAX });
         assert_eq!(delivery.normal.available_permits(), 1000);
