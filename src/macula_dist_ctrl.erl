@@ -8,8 +8,10 @@
 %%% <li><b>Controller</b> (this module's start_linked/1 or start_unowned/1): the pid given
 %%%     to `erlang:setnode/3'. It drains `erlang:dist_ctrl_get_data/1' into the NIF and
 %%%     stops draining while the NIF's send queue is full, so the VM's busy-dist
-%%%     mechanism suspends senders. The NIF monitors it: when it dies, the QUIC
-%%%     connection is closed. Its exit reason is the nodedown reason.</li>
+%%%     mechanism suspends senders. It also takes OTP's test hook
+%%%     `{send, From, Ref, IoData}' (one raw packet, answered `{Ref, ok}'). The NIF
+%%%     monitors it: when it dies, the QUIC connection is closed. Its exit reason is
+%%%     the nodedown reason.</li>
 %%% <li><b>Input handler</b>: the only caller of `erlang:dist_ctrl_put_data/2', for every
 %%%     data stream. The NIF sends it `{macula_data, Credit, Packets}' messages only
 %%%     against credit (bytes) it returns with `ack_data/2', so its mailbox stays bounded
@@ -42,11 +44,18 @@
 %% the original exit reason is the one reported (OTP's death_row pattern).
 -define(DEATH_ROW_TIMEOUT, 5000).
 
+%% A `{send, From, Ref, IoData}' request of the test hook (see inject/4).
+-define(IS_RAW_SEND(Msg),
+        (is_tuple(Msg) andalso tuple_size(Msg) =:= 4 andalso element(1, Msg) =:= send)).
+
 -record(ctrl, {conn :: macula_dist_nif:conn(),
                owner :: pid(),
                dhandle :: erlang:dist_handle() | undefined,
                batch_limit :: pos_integer(),
                busy = false :: boolean(),
+               %% The raw-packet request whose packet filled the NIF's queue: answered
+               %% once the queue is writable again (see inject/4).
+               held_reply :: {pid(), reference()} | undefined,
                opts = #{} :: #{nodelay => boolean()}}).
 
 %%% ------------------------------------------------------------------------------------
@@ -227,15 +236,60 @@ complete_handshake(#ctrl{conn = Conn} = S, DHandle) ->
     end,
     S#ctrl{dhandle = DHandle}.
 
-loop(S) ->
+%% While the NIF's queue is full (busy) the controller neither drains nor takes raw
+%% packets: they stay in the mailbox, each sender blocked on its reply, so nothing
+%% queues up in the controller. A `dist_data' notification is not needed then, the
+%% drain after `macula_writable' empties the VM's queue.
+loop(#ctrl{busy = false} = S) ->
     receive
         dist_data ->
             loop(drain(S));
+        {send, From, Ref, IoData} ->
+            loop(inject(S, From, Ref, IoData));
         macula_writable ->
-            loop(drain_all(S));
+            loop(drain(S));
         Other ->
             loop(handle_common(Other, S))
+    end;
+loop(#ctrl{busy = true} = S) ->
+    receive
+        macula_writable ->
+            loop(drain_all(release_held_reply(S#ctrl{busy = false})));
+        dist_data ->
+            loop(S);
+        Other when not ?IS_RAW_SEND(Other) ->
+            loop(handle_common(Other, S))
     end.
+
+%% OTP's carrier test hook (gen_tcp_dist and inet_tls_dist's tls_sender have it):
+%% `IoData' goes out as one distribution packet, on the data path, in order with what
+%% the controller drains, and `{Ref, ok}' answers once the NIF has it. If that fills
+%% the NIF's queue the answer waits for `macula_writable', so the sender stays blocked
+%% on a busy connection as it would on a busy socket.
+inject(S, From, Ref, IoData) ->
+    case is_iodata(IoData) andalso send_raw(S, IoData) of
+        ok ->
+            From ! {Ref, ok},
+            S;
+        busy ->
+            S#ctrl{busy = true, held_reply = {From, Ref}};
+        false ->
+            From ! {Ref, {error, not_iodata}},
+            S
+    end.
+
+is_iodata(Term) ->
+    try iolist_size(Term) of
+        _ -> true
+    catch
+        error:badarg -> false
+    end.
+
+release_held_reply(#ctrl{held_reply = {From, Ref}} = S) ->
+    From ! {Ref, ok},
+    S#ctrl{held_reply = undefined};
+release_held_reply(S) ->
+    S.
 
 handle_common({macula_closed, Reason}, _S) ->
     exit(Reason);
@@ -254,7 +308,9 @@ handle_common({From, Ref, {getopts, Opts}}, S) ->
 handle_common({From, Ref, info}, #ctrl{conn = Conn, busy = Busy} = S) ->
     From ! {Ref, (macula_dist_nif:info(Conn))#{send_blocked => Busy}},
     S;
-handle_common(_Stray, S) ->
+handle_common(Stray, S) ->
+    ?LOG_DEBUG("macula_dist: controller ~p dropped an unexpected message: ~0P",
+               [self(), Stray, 20]),
     S.
 
 %% Moves queued packets to the NIF in batches of up to `batch_limit' bytes. Stops when
@@ -299,12 +355,17 @@ drain(#ctrl{dhandle = DHandle} = S, Batch, Size, Allowance) ->
 push(_S, []) ->
     ok;
 push(#ctrl{conn = Conn}, Batch) ->
-    case macula_dist_nif:send_data(Conn, lists:reverse(Batch)) of
-        ok -> ok;
-        busy -> busy;
-        {error, closed} -> await_close();
-        {error, Reason} -> exit({send_failed, Reason})
-    end.
+    sent(macula_dist_nif:send_data(Conn, lists:reverse(Batch))).
+
+%% A raw packet from the test hook: one packet on the data path, on the fixed data
+%% stream whatever it says (its control message may be garbage on purpose).
+send_raw(#ctrl{conn = Conn}, IoData) ->
+    sent(macula_dist_nif:send_unrouted(Conn, [IoData])).
+
+sent(ok) -> ok;
+sent(busy) -> busy;
+sent({error, closed}) -> await_close();
+sent({error, Reason}) -> exit({send_failed, Reason}).
 
 %% The NIF reports why the connection closed; that reason is the nodedown reason.
 -spec await_close() -> no_return().
@@ -366,17 +427,21 @@ input(Conn, DHandle, Credit, Packets) ->
     ok = macula_dist_nif:ack_data(Conn, Credit),
     input_loop(Conn, DHandle).
 
+%% A packet the VM rejects does not make put_data fail: the VM kills the controller
+%% (nodedown reason `killed') and this process dies with it through the link. put_data
+%% raises only on a handle whose connection is already going down; the death comes
+%% then too, and should it not, the exit names the error instead of a made-up reason.
 put_packets(DHandle, [Packet | Packets]) ->
     try erlang:dist_ctrl_put_data(DHandle, Packet) of
         ok -> put_packets(DHandle, Packets)
     catch
-        error:_ -> death_row()
+        error:Reason -> death_row({dist_ctrl_put_data, Reason})
     end;
 put_packets(_DHandle, []) ->
     ok.
 
--spec death_row() -> no_return().
-death_row() ->
+-spec death_row(term()) -> no_return().
+death_row(Reason) ->
     receive
-    after ?DEATH_ROW_TIMEOUT -> exit(connection_closed)
+    after ?DEATH_ROW_TIMEOUT -> exit(Reason)
     end.
