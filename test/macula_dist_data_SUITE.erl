@@ -90,6 +90,7 @@ end_per_suite(_Config) ->
 %% `format': how a packet looks on this connection; `ordered': whether raw packets are
 %% ordered with the VM's own packets (one data stream) or only among themselves (they
 %% take a fixed stream of their own).
+%% A build without the `data_streams' option has one data stream only.
 init_per_group(single_stream, Config) ->
     start_group([{format, dist_header}, {ordered, true},
                  {mode_args, ["-macula_dist_opt", "data_streams", "1"]} | Config]);
