@@ -1,7 +1,8 @@
 %%% @doc Helpers of macula_security_SUITE.
 %%%
-%%% Test-node side: builds and runs the `macula_hostile' tool (the Rust example
-%%% native/macula_quic/examples/macula_hostile.rs) as an OS process through a port. Every
+%%% Test-node side: runs the `macula_hostile' tool (the workspace crate
+%%% native/macula_hostile, built by the `ct' pre-hook in rebar.config before any suite
+%%% runs) as an OS process through a port. Every
 %%% tool run is owned by a small runner process that collects the tool's output lines;
 %%% the runners are remembered by a tracker, so {@link stop_all/0} (called from
 %%% `end_per_testcase', even after a crashed or timed-out case) SIGKILLs every tool
@@ -14,7 +15,7 @@
 -module(macula_hostile).
 
 %% Test-node side
--export([repo_root/0, build/2, start/2, lines/1, status/1, await_line/3, await_exit/2,
+-export([repo_root/0, install/2, start/2, lines/1, status/1, await_line/3, await_exit/2,
          stop/1, stop_all/0]).
 %% Node side
 -export([capture_logs/0, logs/0, log/2]).
@@ -27,11 +28,11 @@
 -export_type([tool/0]).
 
 %%% ------------------------------------------------------------------------------------
-%%% Building
+%%% Finding the tool
 %%% ------------------------------------------------------------------------------------
 
 %% @doc The checkout macula_dist was built from: the first directory above the loaded
-%% macula_dist.beam that holds the cargo workspace (Cargo.toml and native/macula_quic).
+%% macula_dist.beam that holds the cargo workspace (Cargo.toml and native/macula_hostile).
 -spec repo_root() -> string().
 repo_root() ->
     Beam = code:which(macula_dist),
@@ -44,33 +45,31 @@ find_root("/") ->
     error;
 find_root(Dir) ->
     case filelib:is_regular(filename:join(Dir, "Cargo.toml"))
-        andalso filelib:is_regular(filename:join([Dir, "native", "macula_quic", "Cargo.toml"])) of
+        andalso filelib:is_regular(filename:join([Dir, "native", "macula_hostile", "Cargo.toml"])) of
         true -> {ok, Dir};
         false -> find_root(filename:dirname(Dir))
     end.
 
-%% @doc Builds the tool with cargo (release, --locked) and copies the binary to
-%% `DestDir'. `{ok, Path}' or `{error, {Command, Output}}'.
--spec build(string(), string()) -> {ok, string()} | {error, {string(), string()}}.
-build(Root, DestDir) ->
-    Cmd = "cd '" ++ Root ++ "' && cargo build --release --locked -p macula_quic --example macula_hostile 2>&1;"
-          " echo \"macula_hostile_build_exit=$?\"",
-    Output = os:cmd(Cmd),
+%% @doc Copies the tool cargo built (target/release/macula_hostile, or under
+%% `CARGO_TARGET_DIR') to `DestDir', so a rebuild during the run cannot change it.
+%% `{ok, Path}', or `{error, {not_built, Path, HowToBuild}}'.
+-spec install(string(), string()) -> {ok, string()} | {error, {not_built, string(), string()}}.
+install(Root, DestDir) ->
     Target = case os:getenv("CARGO_TARGET_DIR") of
                  false -> filename:join(Root, "target");
                  "" -> filename:join(Root, "target");
                  Dir -> filename:absname(Dir, Root)
              end,
-    Built = filename:join([Target, "release", "examples", "macula_hostile"]),
-    case string:find(Output, "macula_hostile_build_exit=0") =/= nomatch
-        andalso filelib:is_regular(Built) of
+    Built = filename:join([Target, "release", "macula_hostile"]),
+    case filelib:is_regular(Built) of
         true ->
             Dest = filename:join(DestDir, "macula_hostile"),
             {ok, _} = file:copy(Built, Dest),
             ok = file:change_mode(Dest, 8#755),
             {ok, Dest};
         false ->
-            {error, {Cmd, Output}}
+            {error, {not_built, Built, "cargo build --release --locked -p macula_hostile "
+                                       "(rebar3 ct runs it first)"}}
     end.
 
 %%% ------------------------------------------------------------------------------------

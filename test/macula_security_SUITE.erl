@@ -1,8 +1,8 @@
 %%% @doc Hostile input against real macula_dist nodes.
 %%%
 %%% Every case starts separate OS-level nodes (OTP 25 peer, through macula_test_peer)
-%%% and attacks or relays them with the `macula_hostile' tool (the Rust example
-%%% native/macula_quic/examples/macula_hostile.rs, built by init_per_suite with cargo):
+%%% and attacks or relays them with the `macula_hostile' tool (the workspace crate
+%%% native/macula_hostile, built before the suites by the `ct' pre-hook in rebar.config):
 %%% <ul>
 %%% <li>a flood of random UDP datagrams at a node's port during a 50 MB transfer;</li>
 %%% <li>1000 QUIC connections that complete TLS and never authenticate, then a
@@ -38,7 +38,6 @@
 %%% Common Test callbacks
 %%% ------------------------------------------------------------------------------------
 
-%% init_per_suite may compile the tool from scratch.
 suite() ->
     [{timetrap, {minutes, 5}}].
 
@@ -52,20 +51,15 @@ init_per_suite(Config) ->
     filelib:is_regular(Nif) orelse ct:fail({nif_missing, Nif, "run rebar3 compile first"}),
     Root = ?H:repo_root(),
     Priv = ?config(priv_dir, Config),
-    T0 = erlang:monotonic_time(millisecond),
-    Tool = case ?H:build(Root, Priv) of
-               {ok, Bin} ->
-                   Bin;
-               {error, {Cmd, Output}} ->
-                   ct:pal("building the hostile tool failed:~n$ ~ts~n~ts", [Cmd, Output]),
-                   ct:fail({hostile_tool_build_failed, Cmd, string:slice(Output, max(0, length(Output) - 2000))})
+    Tool = case ?H:install(Root, Priv) of
+               {ok, Bin} -> Bin;
+               {error, NotBuilt} -> ct:fail({hostile_tool_missing, NotBuilt})
            end,
-    Ms = erlang:monotonic_time(millisecond) - T0,
     %% The nodes run a copy of the build: a rebuild of the checkout during the run
     %% rewrites the NIF library, which crashes nodes that have it mapped.
     Snapshot = ?P:snapshot(Priv),
-    ct:pal("repo: ~ts~nhostile tool (built in ~b ms): ~ts~nnodes run the copy in ~ts",
-           [Root, Ms, Tool, filename:dirname(Snapshot)]),
+    ct:pal("repo: ~ts~nhostile tool: ~ts~nnodes run the copy in ~ts",
+           [Root, Tool, filename:dirname(Snapshot)]),
     [{tool, Tool} | Config].
 
 end_per_suite(_Config) ->
