@@ -25,6 +25,8 @@
 //! With `MACULA_HOSTILE_EXIT_ON_EOF=1` the tool exits when its stdin closes, so a test
 //! harness that dies cannot leave it running.
 
+#![forbid(unsafe_code)]
+
 mod dist;
 mod garbage_flood;
 mod half_open;

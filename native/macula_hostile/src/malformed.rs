@@ -103,7 +103,11 @@ pub async fn run(target: SocketAddr, cookie: String, name: String, mode: Mode) -
             0
         }
         Err(_) => {
-            println!("MALFORMED result mode={} outcome=still_open after_ms={}", mode.name(), started.elapsed().as_millis());
+            println!(
+                "MALFORMED result mode={} outcome=still_open after_ms={}",
+                mode.name(),
+                started.elapsed().as_millis()
+            );
             2
         }
     };

@@ -8,6 +8,9 @@
 //! process-independent environment (copying a term shares its refc binaries instead of
 //! copying their bytes). QUIC then copies each byte once, into the packet it encrypts.
 
+// Unsafe code: the Send/Sync claims and the slice view of a pinned binary below.
+#![allow(unsafe_code)]
+
 use std::sync::Arc;
 
 use bytes::Bytes;

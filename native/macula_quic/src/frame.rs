@@ -116,6 +116,8 @@ impl<B: PacketBuf> FrameDecoder<B> {
         while !input.is_empty() {
             match &mut self.state {
                 State::Header { bytes, have } => {
+                    // In bounds: `*have < width <= 4 == bytes.len()` (a full header leaves
+                    // this state at once), so `*have + take <= width`; `take <= input.len()`.
                     let take = (width - *have).min(input.len());
                     bytes[*have..*have + take].copy_from_slice(&input[..take]);
                     *have += take;
@@ -123,6 +125,7 @@ impl<B: PacketBuf> FrameDecoder<B> {
                     if *have < width {
                         break;
                     }
+                    // Constant indexes into the 4-byte array.
                     let len = match self.width {
                         HeaderWidth::Two => u16::from_be_bytes([bytes[0], bytes[1]]) as usize,
                         HeaderWidth::Four => u32::from_be_bytes(*bytes) as usize,
@@ -143,6 +146,10 @@ impl<B: PacketBuf> FrameDecoder<B> {
                         *allocated = (*allocated * 2).min(*len);
                         buf.grow(*allocated);
                     }
+                    // In bounds: the buffer is `*allocated` bytes long (alloc and grow
+                    // give exactly that), `*have < *allocated` here (a full buffer was just
+                    // grown, and `*have < *len` while in this state), so
+                    // `*have + take <= *allocated`; `take <= input.len()`.
                     let take = (*allocated - *have).min(input.len());
                     buf.as_mut_slice()[*have..*have + take].copy_from_slice(&input[..take]);
                     *have += take;

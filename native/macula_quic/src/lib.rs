@@ -6,6 +6,8 @@
 //! Erlang messages; the tests here implement it with channels. Everything a peer sends
 //! is treated as hostile: bad input closes that one connection, never panics.
 
+#![forbid(unsafe_code)]
+
 pub mod admission;
 pub mod auth;
 pub mod connection;
