@@ -3,7 +3,7 @@
 %%%
 %%% As in macula_dist_SUITE, this test node is NOT distributed: every case starts its
 %%% own OS-level nodes `Port@127.0.0.1' with OTP 25 `peer' over a TCP control connection
-%%% (macula_test_peer) and stops them in end_per_testcase whatever happened. Each case
+%%% (macula_test_peer) and stops them after the case whatever happened (macula_ct_hook). Each case
 %%% has its own block of 10 UDP ports.
 %%%
 %%% The load: node A runs ?SENDERS sender processes, each sending fresh 64 KiB binaries
@@ -48,8 +48,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0, end_per_testcase/2]).
 -export([frozen_receiver/1, slow_receiver/1, stalled_input_handler/1]).
 
 -define(P, macula_test_peer).
@@ -89,41 +88,19 @@
 %%% ------------------------------------------------------------------------------------
 
 suite() ->
-    [{timetrap, {seconds, 120}}].
+    [{timetrap, {seconds, 120}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [frozen_receiver, slow_receiver, stalled_input_handler].
 
-%% The nodes run a copy of the build (see macula_test_peer:snapshot/1).
-init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    ct:pal("nodes run the copy in: ~ts", [filename:dirname(Snapshot)]),
-    Base = ?P:port_base(10 * (length(all()) + 1), ?PORT_RANGE),
-    ct:pal("UDP ports of this run: ~b..~b", [Base, Base + 10 * (length(all()) + 1) - 1]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + 10 * index(Case, all())} | Config].
-
-%% A node left frozen by a failed case is woken first, so it can be stopped normally.
+%% A node left frozen by a failed case is woken first, so that macula_ct_hook can stop
+%% it normally.
 end_per_testcase(_Case, _Config) ->
     case persistent_term:get({?MODULE, frozen}, undefined) of
         undefined -> ok;
         OsPid -> sigcont(OsPid), persistent_term:erase({?MODULE, frozen})
-    end,
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
+    end.
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases

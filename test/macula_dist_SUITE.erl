@@ -2,8 +2,8 @@
 %%%
 %%% This test node is NOT distributed. Every case starts its own OS-level nodes
 %%% `Port@127.0.0.1' (or `Port@::1') with OTP 25 `peer' over a TCP control connection
-%%% (see macula_test_peer), runs code on them with peer:call, and stops them in
-%%% end_per_testcase whatever happened. Each case has its own block of 10 UDP ports
+%%% (see macula_test_peer), runs code on them with peer:call, and stops them after the
+%%% case whatever happened (macula_ct_hook). Each case has its own block of 10 UDP ports
 %%% (run base + 10 * its position in all/0), so cases never share a port. The run base
 %%% is MACULA_TEST_PORT_BASE if set, else a random free block in 20000..29799, so two
 %%% runs on one machine (a shared build host) do not meet each other's nodes. Nodes
@@ -18,8 +18,7 @@
 -include_lib("stdlib/include/assert.hrl").
 -include_lib("kernel/include/net_address.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0]).
 -export([ping/1, erpc_round_trip/1, big_binary/1, many_small_messages/1,
          links_and_monitors/1, monitors_see_node_death/1, kill_gives_nodedown/1,
          init_stop_gives_nodedown/1, disconnect_and_reconnect/1,
@@ -36,7 +35,8 @@
 %%% ------------------------------------------------------------------------------------
 
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 60}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [ping, erpc_round_trip, big_binary, many_small_messages, links_and_monitors,
@@ -44,35 +44,6 @@ all() ->
      disconnect_and_reconnect, simultaneous_connect, three_nodes_global_and_pg,
      wrong_cookie, hidden_node, node_info_and_opts, ipv6, malformed_node_names,
      unreachable_port, embedded_mode_boot].
-
-%% The nodes run a copy of the build (see macula_test_peer:snapshot/1): a rebuild of
-%% the checkout during the run rewrites the NIF library in place, which crashes every
-%% node that has it loaded.
-init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    ct:pal("macula_dist ebin: ~ts~nNIF: ~ts~nnodes run the copy in: ~ts~ntest modules: ~ts",
-           [Ebin, Nif, filename:dirname(Snapshot), ?P:test_dir()]),
-    Base = ?P:port_base(10 * (length(all()) + 1), ?PORT_RANGE),
-    ct:pal("UDP ports of this run: ~b..~b", [Base, Base + 10 * (length(all()) + 1) - 1]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + 10 * index(Case, all())} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases

@@ -3,8 +3,9 @@
 %%% Test-node side: runs the `macula_hostile' tool (the workspace crate
 %%% native/macula_hostile, built by the `ct' pre-hook in rebar.config before any suite
 %%% runs) as an OS process through a port. Every
-%%% tool run is owned by a small runner process that collects the tool's output lines;
-%%% the runners are remembered by a tracker, so {@link stop_all/0} (called from
+%%% tool run is owned by a runner process (macula_tool_runner) that collects the tool's
+%%% output lines; the runners are remembered by a tracker (macula_test_tracker), so
+%%% {@link stop_all/0} (called from
 %%% `end_per_testcase', even after a crashed or timed-out case) SIGKILLs every tool
 %%% still running. The tool is also started with `MACULA_HOSTILE_EXIT_ON_EOF=1', so it
 %%% exits by itself when its port (stdin) closes.
@@ -79,29 +80,24 @@ install(Root, DestDir) ->
 %% @doc Starts the tool with `Args'; returns at once.
 -spec start(string(), [string()]) -> tool().
 start(Bin, Args) ->
-    Parent = self(),
-    Runner = spawn(fun() -> runner_init(Parent, Bin, Args) end),
-    receive
-        {Runner, started} ->
-            tracker_call({add, Runner}),
+    case macula_tool_runner:start(Bin, Args, [{"MACULA_HOSTILE_EXIT_ON_EOF", "1"}]) of
+        {ok, Runner} ->
+            ok = macula_test_tracker:add(?TRACKER, Runner),
             Runner;
-        {Runner, failed, Why} ->
+        {error, Why} ->
             error({tool_start_failed, Bin, Args, Why})
-    after 10000 ->
-            exit(Runner, kill),
-            error({tool_start_timeout, Bin, Args})
     end.
 
 %% @doc Every line the tool printed so far (stdout and stderr), oldest first.
 -spec lines(tool()) -> [binary()].
 lines(Tool) ->
-    {Lines, _Status} = runner_call(Tool, get),
+    {Lines, _Status} = macula_tool_runner:output(Tool),
     Lines.
 
 %% @doc `running' or `{exited, Status}'.
--spec status(tool()) -> running | {exited, integer()}.
+-spec status(tool()) -> macula_tool_runner:status().
 status(Tool) ->
-    {_Lines, Status} = runner_call(Tool, get),
+    {_Lines, Status} = macula_tool_runner:output(Tool),
     Status.
 
 %% @doc Waits until the tool prints a line that starts with `Prefix'.
@@ -111,7 +107,7 @@ await_line(Tool, Prefix, Timeout) ->
     await_line_loop(Tool, Prefix, Deadline).
 
 await_line_loop(Tool, Prefix, Deadline) ->
-    {Lines, Status} = runner_call(Tool, get),
+    {Lines, Status} = macula_tool_runner:output(Tool),
     case [L || L <- Lines, binary:longest_common_prefix([L, Prefix]) =:= byte_size(Prefix)] of
         [Line | _] ->
             {ok, Line};
@@ -130,7 +126,7 @@ await_exit(Tool, Timeout) ->
     await_exit_loop(Tool, Deadline).
 
 await_exit_loop(Tool, Deadline) ->
-    case runner_call(Tool, get) of
+    case macula_tool_runner:output(Tool) of
         {Lines, {exited, Status}} ->
             {ok, Status, Lines};
         {Lines, running} ->
@@ -143,97 +139,18 @@ await_exit_loop(Tool, Deadline) ->
 %% @doc SIGKILLs the tool if it still runs; returns its output.
 -spec stop(tool()) -> [binary()].
 stop(Tool) ->
-    Lines = case catch runner_call(Tool, stop) of
+    Lines = case catch macula_tool_runner:kill(Tool) of
                 {L, _} when is_list(L) -> L;
                 _ -> []
             end,
-    tracker_call({remove, Tool}),
+    ok = macula_test_tracker:remove(?TRACKER, Tool),
     Lines.
 
 %% @doc Stops every tool started since the last stop_all/0.
 -spec stop_all() -> ok.
 stop_all() ->
-    [catch stop(T) || T <- tracker_call(list)],
+    [catch stop(T) || T <- macula_test_tracker:list(?TRACKER)],
     ok.
-
-runner_init(Parent, Bin, Args) ->
-    try open_port({spawn_executable, Bin},
-                  [{args, Args}, {line, 16384}, binary, exit_status, use_stdio,
-                   stderr_to_stdout, {env, [{"MACULA_HOSTILE_EXIT_ON_EOF", "1"}]}]) of
-        Port ->
-            {os_pid, OsPid} = erlang:port_info(Port, os_pid),
-            Parent ! {self(), started},
-            runner_loop(Port, OsPid, [], <<>>, running)
-    catch
-        error:Why -> Parent ! {self(), failed, Why}
-    end.
-
-runner_loop(Port, OsPid, Lines, Partial, Status) ->
-    receive
-        {Port, {data, {eol, Data}}} ->
-            runner_loop(Port, OsPid, [<<Partial/binary, Data/binary>> | Lines], <<>>, Status);
-        {Port, {data, {noeol, Data}}} ->
-            runner_loop(Port, OsPid, Lines, <<Partial/binary, Data/binary>>, Status);
-        {Port, {exit_status, Code}} ->
-            runner_loop(Port, OsPid, Lines, Partial, {exited, Code});
-        {From, Ref, get} ->
-            From ! {Ref, {lists:reverse(Lines), Status}},
-            runner_loop(Port, OsPid, Lines, Partial, Status);
-        {From, Ref, stop} ->
-            case Status of
-                running -> _ = os:cmd("kill -9 " ++ integer_to_list(OsPid));
-                _ -> ok
-            end,
-            From ! {Ref, {lists:reverse(Lines), Status}}
-    end.
-
-runner_call(Runner, Request) ->
-    Ref = erlang:monitor(process, Runner),
-    Runner ! {self(), Ref, Request},
-    receive
-        {Ref, Reply} ->
-            erlang:demonitor(Ref, [flush]),
-            Reply;
-        {'DOWN', Ref, process, _, Reason} ->
-            error({tool_runner_down, Reason})
-    after 10000 ->
-            error(tool_runner_timeout)
-    end.
-
-%% The tracker is not linked to any case process, so it outlives a crashed case.
-tracker_call(Request) ->
-    Tracker = tracker(),
-    Ref = erlang:monitor(process, Tracker),
-    Tracker ! {self(), Ref, Request},
-    receive
-        {Ref, Reply} ->
-            erlang:demonitor(Ref, [flush]),
-            Reply;
-        {'DOWN', Ref, process, _, Reason} ->
-            error({tracker_down, Reason})
-    after 5000 ->
-            error(tracker_timeout)
-    end.
-
-tracker() ->
-    case whereis(?TRACKER) of
-        undefined ->
-            Pid = spawn(fun() -> tracker_loop([]) end),
-            try register(?TRACKER, Pid) of
-                true -> Pid
-            catch
-                error:badarg -> exit(Pid, kill), tracker()
-            end;
-        Pid ->
-            Pid
-    end.
-
-tracker_loop(Tools) ->
-    receive
-        {From, Ref, {add, T}} -> From ! {Ref, ok}, tracker_loop([T | Tools]);
-        {From, Ref, {remove, T}} -> From ! {Ref, ok}, tracker_loop(Tools -- [T]);
-        {From, Ref, list} -> From ! {Ref, Tools}, tracker_loop(Tools)
-    end.
 
 %%% ------------------------------------------------------------------------------------
 %%% Node side: capturing log events

@@ -71,7 +71,8 @@
 %%% ------------------------------------------------------------------------------------
 
 suite() ->
-    [{timetrap, {seconds, 150}}].
+    [{timetrap, {seconds, 150}},
+     {ct_hooks, [{macula_ct_hook, #{}}]}].
 
 all() ->
     [loss_5pct_sequenced, loss_5pct_bulk, loss_20pct_sequenced, loss_20pct_bulk,
@@ -81,18 +82,11 @@ loss_20pct_short_ticktime() ->
     [{timetrap, {seconds, loss_hold_seconds() + 120}}].
 
 init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
     Run = lists:flatten(io_lib:format("~6.16.0b", [rand:uniform(16#ffffff)])),
-    ct:pal("nodes run the copy in ~ts~nnamespaces of this run: ~ts~ts-*",
-           [filename:dirname(Snapshot), ?NS_PREFIX, Run]),
+    ct:pal("namespaces of this run: ~ts~ts-*", [?NS_PREFIX, Run]),
     [{run, Run} | Config].
 
+%% Nodes are stopped before their namespaces go (macula_ct_hook would do it after).
 end_per_suite(Config) ->
     ?P:stop_all(),
     Prefix = ?NS_PREFIX ++ ?config(run, Config) ++ "-",

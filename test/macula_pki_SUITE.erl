@@ -9,14 +9,13 @@
 %%% checked by booting `erl ... -eval "halt()."' directly: the node must stop at boot
 %%% with a non-zero exit status and name the option (and file) in its output.
 %%%
-%%% UDP ports: 45000 + 10 * the case's position in all/0 (within 45000..45999).
+%%% UDP ports: a random free block in 30000..39799 for the run, 10 per case (macula_ct_hook).
 -module(macula_pki_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0, init_per_suite/1, end_per_suite/1]).
 -export([right_certs_connect/1, other_ca_refused/1, expired_refused/1,
          other_host_refused_with_verify_name/1, other_host_accepted_without_verify_name/1,
          wrong_cookie_refused/1, zero_config_and_pki_refused/1, allow_is_enforced/1,
@@ -25,7 +24,7 @@
          boot_verify_name_without_pki/1, boot_optfile/1]).
 
 -define(P, macula_test_peer).
--define(PORT_BASE, 45000).
+-define(PORT_RANGE, {30000, 39799}).
 -define(BOOT_TIMEOUT, 30000).
 
 %%% ------------------------------------------------------------------------------------
@@ -33,7 +32,8 @@
 %%% ------------------------------------------------------------------------------------
 
 suite() ->
-    [{timetrap, {seconds, 90}}].
+    [{timetrap, {seconds, 90}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [right_certs_connect, other_ca_refused, expired_refused,
@@ -48,28 +48,14 @@ init_per_suite(Config) ->
         false -> ct:fail("openssl is not installed: this suite needs it to make certificates");
         _ -> ok
     end,
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    filelib:is_regular(Nif) orelse ct:fail({nif_missing, Nif, "run rebar3 compile first"}),
-    %% The nodes run a copy of the build, so a rebuild during the run cannot crash them.
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
     Dir = filename:join(?config(priv_dir, Config), "pki"),
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
     make_pki(Dir),
-    ct:pal("nodes run: ~ts~nPKI files: ~ts", [Snapshot, Dir]),
-    [{pki, Dir}, {ebin, Snapshot} | Config].
+    ct:pal("PKI files: ~ts", [Dir]),
+    [{pki, Dir} | Config].
 
 end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?PORT_BASE + 10 * index(Case, all())} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
+    ok.
 
 %%% ------------------------------------------------------------------------------------
 %%% Connections
@@ -272,7 +258,7 @@ boot_fails(Config, Args0) ->
     Erl = os:find_executable("erl"),
     Argv = ["-noshell", "-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
             "-name", integer_to_list(Port) ++ "@127.0.0.1", "-setcookie", "macula_test",
-            "-pa", ?config(ebin, Config) | Args] ++ ["-eval", "halt()."],
+            "-pa", ?P:ebin_dir() | Args] ++ ["-eval", "halt()."],
     P = open_port({spawn_executable, Erl},
                   [{args, Argv}, {cd, ?config(priv_dir, Config)}, exit_status,
                    stderr_to_stdout, binary]),

@@ -42,8 +42,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0]).
 -export([liveness_under_load/0, liveness_under_load/1,
          kill_gives_nodedown_within_ticktime/1,
          init_stop_gives_prompt_nodedown/1,
@@ -71,7 +70,8 @@
 %%% ------------------------------------------------------------------------------------
 
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 60}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => ?BLOCK, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [liveness_under_load,
@@ -95,34 +95,6 @@ ten_node_mesh() ->
 mnesia_catch_up() ->
     [{timetrap, {seconds, 90}}].
 
-init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    %% The nodes run a copy of the build: a rebuild during the run rewrites the NIF.
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    Count = ?BLOCK * (length(all()) + 1),
-    Base = ?P:port_base(Count, ?PORT_RANGE),
-    ct:pal("nodes run the copy in ~ts~nUDP ports of this run: ~b..~b~nload case: ~b s",
-           [filename:dirname(Snapshot), Base, Base + Count - 1, load_seconds()]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + ?BLOCK * index(Case, all())} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    %% A node left SIGSTOPped would only be SIGKILLed after peer:stop times out.
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
-
 load_seconds() ->
     case os:getenv("MACULA_SOAK") of
         "1" -> 60;
@@ -145,6 +117,7 @@ max_detect_ms(TickMs) ->
 %% the sender on a busy distribution channel (busy_dist_port), the slowest erpc.
 liveness_under_load(Config) ->
     DurationMs = load_seconds() * 1000,
+    ct:pal("load: ~b s", [load_seconds()]),
     [A, B] = start_nodes(Config, 2),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),

@@ -14,14 +14,13 @@
 %%%     session), and a plain UDP relay in the same position (works).</li>
 %%% </ul>
 %%% UDP ports 46000-46999 only (fixed per case), loopback only. Nodes and tool processes
-%%% are killed in end_per_testcase whatever happened.
+%%% are killed after each case whatever happened.
 -module(macula_security_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0, init_per_suite/1, end_per_suite/1, end_per_testcase/2]).
 -export([garbage_flood_during_transfer/0, garbage_flood_during_transfer/1,
          half_open_flood/0, half_open_flood/1,
          malformed_frames/0, malformed_frames/1,
@@ -39,39 +38,28 @@
 %%% ------------------------------------------------------------------------------------
 
 suite() ->
-    [{timetrap, {minutes, 5}}].
+    [{timetrap, {minutes, 5}},
+     {ct_hooks, [{macula_ct_hook, #{}}]}].
 
 all() ->
     [garbage_flood_during_transfer, half_open_flood, malformed_frames, mitm_is_refused,
      udp_relay_works].
 
 init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    filelib:is_regular(Nif) orelse ct:fail({nif_missing, Nif, "run rebar3 compile first"}),
     Root = ?H:repo_root(),
-    Priv = ?config(priv_dir, Config),
-    Tool = case ?H:install(Root, Priv) of
+    Tool = case ?H:install(Root, ?config(priv_dir, Config)) of
                {ok, Bin} -> Bin;
                {error, NotBuilt} -> ct:fail({hostile_tool_missing, NotBuilt})
            end,
-    %% The nodes run a copy of the build: a rebuild of the checkout during the run
-    %% rewrites the NIF library, which crashes nodes that have it mapped.
-    Snapshot = ?P:snapshot(Priv),
-    ct:pal("repo: ~ts~nhostile tool: ~ts~nnodes run the copy in ~ts",
-           [Root, Tool, filename:dirname(Snapshot)]),
+    ct:pal("repo: ~ts~nhostile tool: ~ts", [Root, Tool]),
     [{tool, Tool} | Config].
 
 end_per_suite(_Config) ->
-    ?H:stop_all(),
-    ?P:stop_all().
+    ?H:stop_all().
 
-init_per_testcase(_Case, Config) ->
-    Config.
-
+%% Before macula_ct_hook stops the nodes.
 end_per_testcase(_Case, _Config) ->
-    ?H:stop_all(),
-    ?P:stop_all().
+    ?H:stop_all().
 
 %%% ------------------------------------------------------------------------------------
 %%% Garbage datagrams

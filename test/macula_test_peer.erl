@@ -279,57 +279,10 @@ cookie() ->
 %%% The tracker: which nodes are running
 %%% ------------------------------------------------------------------------------------
 
-track(TNode) -> tracker_call({add, TNode}).
-untrack(TNode) -> tracker_call({remove, TNode}).
-tracked() -> tracker_call(list).
-clear_tracked() -> tracker_call(clear).
-
-tracker_call(Request) ->
-    Tracker = tracker(),
-    Ref = erlang:monitor(process, Tracker),
-    Tracker ! {self(), Ref, Request},
-    receive
-        {Ref, Reply} ->
-            erlang:demonitor(Ref, [flush]),
-            Reply;
-        {'DOWN', Ref, process, _, Reason} ->
-            error({tracker_down, Reason})
-    after 5000 ->
-            error(tracker_timeout)
-    end.
-
-%% Not linked to anyone: it outlives test case processes, so end_per_testcase finds
-%% the nodes of a case that crashed or timed out.
-tracker() ->
-    case whereis(?TRACKER) of
-        undefined ->
-            Pid = spawn(fun() -> tracker_loop([]) end),
-            try register(?TRACKER, Pid) of
-                true -> Pid
-            catch
-                error:badarg ->
-                    exit(Pid, kill),
-                    tracker()
-            end;
-        Pid ->
-            Pid
-    end.
-
-tracker_loop(Nodes) ->
-    receive
-        {From, Ref, {add, N}} ->
-            From ! {Ref, ok},
-            tracker_loop([N | Nodes]);
-        {From, Ref, {remove, N}} ->
-            From ! {Ref, ok},
-            tracker_loop(Nodes -- [N]);
-        {From, Ref, list} ->
-            From ! {Ref, Nodes},
-            tracker_loop(Nodes);
-        {From, Ref, clear} ->
-            From ! {Ref, ok},
-            tracker_loop([])
-    end.
+track(TNode) -> macula_test_tracker:add(?TRACKER, TNode).
+untrack(TNode) -> macula_test_tracker:remove(?TRACKER, TNode).
+tracked() -> macula_test_tracker:list(?TRACKER).
+clear_tracked() -> macula_test_tracker:clear(?TRACKER).
 
 %%% ------------------------------------------------------------------------------------
 %%% Node side: node event watcher
