@@ -218,19 +218,15 @@ start_node(C, Name, Ctx = #{bench_ebin := Ebin, cookie := Cookie, tmp := Tmp}) -
             %% Keep forwarded crash reports (e.g. ssl's full state) readable.
             "-kernel", "error_logger_format_depth", "30"
             | carrier_args(C, Name, Ctx)],
-    Opts = #{name => Name, host => ?HOST, longnames => true,
+    Opts = #{name => Name, host => ?HOST,
              connection => 0,            % control over TCP, not over dist
              args => Args, wait_boot => 20000,
              env => [{"ERL_CRASH_DUMP", Dump}]},
-    %% peer:start/1 returns {error, _} or exits (e.g. timeout when the node
-    %% halts during boot before it connects back).
-    Result = try peer:start(Opts) catch exit:E -> {error, E} end,
-    case Result of
-        {ok, Peer, Node} ->
-            OsPid = list_to_integer(peer:call(Peer, os, getpid, [])),
+    case macula_node:start(Opts) of
+        {ok, #{peer := Peer, node := Node, os_pid := OsPid}} ->
             track(Peer, OsPid),
             #{peer => Peer, node => Node, ospid => OsPid};
-        {error, Reason} ->
+        {error, {node_start_failed, _, Reason, _}} ->
             %% peer starts nodes -detached, so their console (where e.g.
             %% "Protocol 'macula': register/listen error" goes) is lost:
             %% boot the same command line once more in the foreground and
@@ -284,17 +280,7 @@ stop_all_nodes() ->
     write_pidfile().
 
 stop_node(Peer, OsPid) ->
-    catch peer:stop(Peer),
-    wait_exit(OsPid, 50).
-
-%% Give the node up to ~5 s to halt, then SIGKILL it.
-wait_exit(OsPid, 0) ->
-    os:cmd("kill -9 " ++ integer_to_list(OsPid));
-wait_exit(OsPid, N) ->
-    case filelib:is_dir("/proc/" ++ integer_to_list(OsPid)) of
-        false -> ok;
-        true -> timer:sleep(100), wait_exit(OsPid, N - 1)
-    end.
+    macula_node:stop(#{peer => Peer, os_pid => OsPid}, 5000).
 
 kill_tracked() ->
     case file:read_file(pidfile()) of

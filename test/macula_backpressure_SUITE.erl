@@ -83,10 +83,6 @@
 -define(QSAMPLER, macula_bp_qsampler).
 -define(STALLER, macula_bp_staller).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
     [{timetrap, {seconds, 120}},
      {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].

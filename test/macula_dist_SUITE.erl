@@ -30,10 +30,6 @@
 -define(PORT_RANGE, {20000, 29799}).
 -define(TICKTIME_MS, 4000).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
     [{timetrap, {seconds, 60}},
      {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].

@@ -24,16 +24,11 @@
          boot_verify_name_without_pki/1, boot_optfile/1]).
 
 -define(P, macula_test_peer).
--define(PORT_RANGE, {30000, 39799}).
 -define(BOOT_TIMEOUT, 30000).
-
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
 
 suite() ->
     [{timetrap, {seconds, 90}},
-     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => {30000, 39799}}}]}].
 
 all() ->
     [right_certs_connect, other_ca_refused, expired_refused,

@@ -65,10 +65,6 @@
 -define(WINDOW, 128).
 -define(RECV_SLEEP_MS, 2).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
     [{timetrap, {seconds, 60}},
      {ct_hooks, [{macula_ct_hook, #{ports_per_case => ?BLOCK, port_range => ?PORT_RANGE}}]}].

@@ -51,36 +51,45 @@ start(Port, ExtraArgs) ->
 %% (default "macula_test").
 -spec start(inet:port_number(), [string()], map()) -> tnode().
 start(Port, ExtraArgs, Opts) ->
-    Host = maps:get(host, Opts, "127.0.0.1"),
-    Cookie = maps:get(cookie, Opts, ?COOKIE),
-    Name = integer_to_list(Port),
-    Args = ["-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
-            "-setcookie", Cookie,
-            "-pa", ebin_dir(), "-pa", test_dir(),
-            "-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
-    PeerOpts = #{name => Name, host => Host, longnames => true, connection => 0,
-                 args => Args, wait_boot => 20000},
-    case peer:start(PeerOpts) of
-        {ok, Peer, Node} ->
-            OsPid = list_to_integer(peer:call(Peer, os, getpid, [], ?CALL_TIMEOUT)),
-            TNode = #{peer => Peer, node => Node, port => Port, os_pid => OsPid},
+    start_node(Port, ExtraArgs, Opts, #{connection => 0}).
+
+%% @doc Starts `Port@Host' inside the network namespace `Netns' (`ip netns exec Netns
+%% erl ...'), with the same arguments as start/3 plus `ExtraArgs'. The control
+%% connection is the node's stdio (`connection => standard_io'): peer's default TCP
+%% connection back to this node's 127.0.0.1 cannot leave the namespace. The node is
+%% tracked, so stop_all/0 stops it. Opts as for start/3.
+-spec start_netns(string(), inet:port_number(), [string()], map()) -> tnode().
+start_netns(Netns, Port, ExtraArgs, Opts) ->
+    Erl = case os:find_executable("erl") of
+              false -> error({no_erl_on_path, os:getenv("PATH")});
+              E -> E
+          end,
+    Ip = case os:find_executable("ip") of
+             false -> "/usr/sbin/ip";
+             I -> I
+         end,
+    start_node(Port, ExtraArgs, Opts,
+               #{connection => standard_io, exec => {Ip, ["netns", "exec", Netns, Erl]}}).
+
+start_node(Port, ExtraArgs, Opts, How) ->
+    Args = macula_node:macula_args(maps:get(cookie, Opts, ?COOKIE), [ebin_dir(), test_dir()])
+           ++ ["-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
+    NodeOpts = How#{name => integer_to_list(Port), host => maps:get(host, Opts, "127.0.0.1"),
+                    args => Args, wait_boot => 20000},
+    case macula_node:start(NodeOpts) of
+        {ok, Started} ->
+            TNode = Started#{port => Port},
             track(TNode),
             TNode;
-        {error, Reason} ->
-            error({node_start_failed, Name ++ "@" ++ Host, Reason,
-                   {command_line, "erl -name " ++ Name ++ "@" ++ Host ++ " "
-                                  ++ lists:join(" ", Args)}})
+        {error, Failed} ->
+            error(Failed)
     end.
 
 %% @doc Stops a node (peer:stop, which closes the control connection so the node
 %% halts) and SIGKILLs it if it is still there after 5 s.
 -spec stop(tnode()) -> ok.
-stop(#{peer := Peer, os_pid := OsPid} = TNode) ->
-    catch peer:stop(Peer),
-    case wait_until(fun() -> not is_os_alive(OsPid) end, 5000) of
-        ok -> ok;
-        timeout -> kill(TNode)
-    end,
+stop(TNode) ->
+    macula_node:stop(TNode, 5000),
     untrack(TNode),
     ok.
 
@@ -103,66 +112,13 @@ os_pid(#{os_pid := OsPid}) ->
 
 %% @doc kill -9 of the node's OS process; returns once the process is gone.
 -spec kill(tnode()) -> ok.
-kill(#{os_pid := OsPid}) ->
-    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-    ok = wait_until(fun() -> not is_os_alive(OsPid) end, 5000),
-    ok.
+kill(TNode) ->
+    macula_node:kill(TNode).
 
-%% @doc Whether an OS process exists and is not a zombie (detached nodes are not our
-%% children, so nobody here reaps them).
+%% @doc Whether an OS process exists and is not a zombie.
 -spec is_os_alive(pos_integer()) -> boolean().
 is_os_alive(OsPid) ->
-    case file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat") of
-        {ok, Stat} ->
-            %% "pid (comm) S ...": the state follows the last ')'.
-            [_, After] = string:split(Stat, ")", trailing),
-            case string:trim(After, leading) of
-                <<"Z", _/binary>> -> false;
-                <<"X", _/binary>> -> false;
-                _ -> true
-            end;
-        {error, _} ->
-            false
-    end.
-
-%% @doc Starts `Port@Host' inside the network namespace `Netns' (`ip netns exec Netns
-%% erl ...'), with the same arguments as start/3 plus `ExtraArgs'. The control
-%% connection is the node's stdio (`connection => standard_io'): peer's default TCP
-%% connection back to this node's 127.0.0.1 cannot leave the namespace. The node is
-%% tracked, so stop_all/0 stops it. Opts as for start/3.
--spec start_netns(string(), inet:port_number(), [string()], map()) -> tnode().
-start_netns(Netns, Port, ExtraArgs, Opts) ->
-    Host = maps:get(host, Opts, "127.0.0.1"),
-    Cookie = maps:get(cookie, Opts, ?COOKIE),
-    Name = integer_to_list(Port),
-    Erl = case os:find_executable("erl") of
-              false -> error({no_erl_on_path, os:getenv("PATH")});
-              E -> E
-          end,
-    Ip = case os:find_executable("ip") of
-             false -> "/usr/sbin/ip";
-             I -> I
-         end,
-    Args = ["-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
-            "-setcookie", Cookie,
-            "-pa", ebin_dir(), "-pa", test_dir(),
-            "-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
-    PeerOpts = #{name => Name, host => Host, longnames => true,
-                 connection => standard_io,
-                 exec => {Ip, ["netns", "exec", Netns, Erl]},
-                 args => Args, wait_boot => 20000},
-    case peer:start(PeerOpts) of
-        {ok, Peer, Node} ->
-            OsPid = list_to_integer(peer:call(Peer, os, getpid, [], ?CALL_TIMEOUT)),
-            TNode = #{peer => Peer, node => Node, port => Port, os_pid => OsPid},
-            track(TNode),
-            TNode;
-        {error, Reason} ->
-            error({node_start_failed, Name ++ "@" ++ Host, {netns, Netns}, Reason,
-                   {command_line, Ip ++ " netns exec " ++ Netns ++ " " ++ Erl
-                                  ++ " -name " ++ Name ++ "@" ++ Host ++ " "
-                                  ++ lists:join(" ", Args)}})
-    end.
+    macula_node:is_os_alive(OsPid).
 
 %% @doc Sends a signal to the node's OS process (`kill -SIG pid'): "STOP", "CONT", ...
 -spec signal(tnode(), string()) -> ok.
