@@ -690,15 +690,9 @@ sender(To, Id, Counts, Stop, Window, Payload, I, Acked) ->
                 false ->
                     To ! {seq, self(), Id, I, <<Id:32, I:64, Payload/binary>>},
                     counters:put(Counts, Id, I),
-                    sender(To, Id, Counts, Stop, Window, Payload, I + 1, drain_acks(Id, Acked))
+                    Acked1 = macula_test_traffic:drain_acks(ack, Id, Acked),
+                    sender(To, Id, Counts, Stop, Window, Payload, I + 1, Acked1)
             end
-    end.
-
-drain_acks(Id, Acked) ->
-    receive
-        {ack, Id, J} -> drain_acks(Id, max(J, Acked))
-    after 0 ->
-            Acked
     end.
 
 %% The receiver: takes whatever comes next (no selective receive on numbers).

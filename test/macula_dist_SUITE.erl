@@ -88,30 +88,10 @@ big_binary(Config) ->
     NB = ?P:node_of(B),
     Size = 100 * 1024 * 1024,
     {LocalMd5, RemoteMd5, RemoteSize, Ms} =
-        ?P:run(A, fun() ->
-                          Self = self(),
-                          Receiver = spawn(NB, fun() -> md5_receiver(Self) end),
-                          Bin = crypto:strong_rand_bytes(Size),
-                          Md5 = erlang:md5(Bin),
-                          T0 = erlang:monotonic_time(millisecond),
-                          Receiver ! {data, Self, Bin},
-                          receive
-                              {md5, Receiver, RMd5, RSize} ->
-                                  {Md5, RMd5, RSize, erlang:monotonic_time(millisecond) - T0}
-                          after 60000 ->
-                                  {Md5, timeout, 0, 60000}
-                          end
-                  end, 90000),
+        ?P:call(A, macula_test_traffic, md5_transfer, [NB, Size, 60000], 90000),
     ?assertEqual(Size, RemoteSize),
     ?assertEqual(LocalMd5, RemoteMd5),
     {comment, io_lib:format("100 MB in ~b ms (send + remote md5)", [Ms])}.
-
-md5_receiver(From) ->
-    receive
-        {data, From, Bin} -> From ! {md5, self(), erlang:md5(Bin), byte_size(Bin)}
-    after 60000 ->
-            ok
-    end.
 
 %% Shows: 100,000 small messages from one process arrive complete, in order, and
 %% without duplicates.
@@ -119,43 +99,11 @@ many_small_messages(Config) ->
     [A, B] = start_nodes(Config, 2),
     NB = ?P:node_of(B),
     N = 100000,
-    Result = ?P:run(A, fun() ->
-                               Self = self(),
-                               Receiver = spawn(NB, fun() -> seq_receiver(Self, 1, N) end),
-                               T0 = erlang:monotonic_time(millisecond),
-                               seq_send(Receiver, 1, N),
-                               receive
-                                   {seq_done, Receiver, R} ->
-                                       {R, erlang:monotonic_time(millisecond) - T0}
-                               after 60000 ->
-                                       {timeout, 60000}
-                               end
-                       end, 90000),
+    Result = ?P:call(A, macula_test_traffic, seq_transfer, [NB, N, <<"payload">>, {10000, 60000}],
+                     90000),
     ?assertMatch({{ok, N}, _}, Result),
     {_, Ms} = Result,
     {comment, io_lib:format("~b messages in ~b ms", [N, Ms])}.
-
-seq_send(_To, I, N) when I > N ->
-    ok;
-seq_send(To, I, N) ->
-    To ! {seq, I, <<"payload">>},
-    seq_send(To, I + 1, N).
-
-%% Takes whatever {seq, _, _} comes next (no selective receive on the number), so a
-%% reordering shows up.
-seq_receiver(From, I, N) when I > N ->
-    receive
-        {seq, X, _} -> From ! {seq_done, self(), {duplicate_or_extra, X}}
-    after 500 ->
-            From ! {seq_done, self(), {ok, N}}
-    end;
-seq_receiver(From, I, N) ->
-    receive
-        {seq, I, <<"payload">>} -> seq_receiver(From, I + 1, N);
-        {seq, X, _} -> From ! {seq_done, self(), {out_of_order, {expected, I}, {got, X}}}
-    after 10000 ->
-            From ! {seq_done, self(), {missing_from, I}}
-    end.
 
 %% Shows: links and monitors work across nodes: exit reasons propagate both ways,
 %% kill gives killed, monitors see the reason, dead pids give noproc.
@@ -343,16 +291,7 @@ collect_node_death(Seen, Ref, Mon, Lnk, NB, Deadline) ->
 %% net_ticktime (4 s), and which nodedown_reason it reports.
 kill_gives_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:kill(B),
-    Down = ?P:call(A, ?P, watch_await, [nodedown, NB, 15000], 20000),
-    ?assertMatch({ok, {nodedown, NB, _, _}}, Down),
-    {ok, {nodedown, NB, Info, T1}} = Down,
-    Reason = proplists:get_value(nodedown_reason, Info),
-    Ms = T1 - T0,
+    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:kill(B) end),
     ct:pal("kill -9: nodedown after ~b ms, reason ~p", [Ms, Reason]),
     ?assert(Ms < ?TICKTIME_MS * 3 div 2),
     ?assertEqual([], ?P:call(A, erlang, nodes, [])),
@@ -362,16 +301,7 @@ kill_gives_nodedown(Config) ->
 %% reason connection_closed.
 init_stop_gives_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:call(B, init, stop, []),
-    Down = ?P:call(A, ?P, watch_await, [nodedown, NB, 15000], 20000),
-    ?assertMatch({ok, {nodedown, NB, _, _}}, Down),
-    {ok, {nodedown, NB, Info, T1}} = Down,
-    Reason = proplists:get_value(nodedown_reason, Info),
-    Ms = T1 - T0,
+    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:call(B, init, stop, []) end),
     ct:pal("init:stop: nodedown after ~b ms, reason ~p", [Ms, Reason]),
     ?assertEqual(connection_closed, Reason),
     ?assert(Ms < 2000),

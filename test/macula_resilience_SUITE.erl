@@ -174,7 +174,7 @@ bulk_run(NB, DurationMs) ->
 
 %% Returns {Sent, Acked} once time is up and every chunk sent is acknowledged.
 bulk_send(Receiver, Bin, Next, Acked0, Deadline) ->
-    Acked = drain_acks(Receiver, Acked0),
+    Acked = macula_test_traffic:drain_acks(ack, Receiver, Acked0),
     Now = erlang:monotonic_time(millisecond),
     InFlight = Next - 1 - Acked,
     if
@@ -190,13 +190,6 @@ bulk_send(Receiver, Bin, Next, Acked0, Deadline) ->
             after 1000 ->
                     bulk_send(Receiver, Bin, Next, Acked, Deadline)
             end
-    end.
-
-drain_acks(Receiver, Acked) ->
-    receive
-        {ack, Receiver, Seq} -> drain_acks(Receiver, max(Acked, Seq))
-    after 0 ->
-            Acked
     end.
 
 await_acks(_Receiver, Acked, Last, _Deadline) when Acked >= Last ->
@@ -263,12 +256,7 @@ prober(Parent, NB, Count, Max, Failures) ->
 %% Shows: kill -9 of B gives nodedown on A within 5/4 of net_ticktime (4 s) + 0.5 s.
 kill_gives_nodedown_within_ticktime(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:kill(B),
-    {Ms, Reason} = await_nodedown(A, NB, T0, 20000),
+    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:kill(B) end),
     ct:pal("kill -9: nodedown after ~b ms, reason ~p", [Ms, Reason]),
     ?assert(Ms =< max_detect_ms(?TICKTIME_MS)),
     ?assertEqual([], ?P:call(A, erlang, nodes, [])),
@@ -279,12 +267,7 @@ kill_gives_nodedown_within_ticktime(Config) ->
 %% (init:stop itself takes about 1 s, with inet_tcp too).
 init_stop_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:call(B, init, stop, []),
-    {Ms, Reason} = await_nodedown(A, NB, T0, 20000),
+    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:call(B, init, stop, []) end),
     ct:pal("init:stop(): nodedown after ~b ms, reason ~p", [Ms, Reason]),
     ?assertEqual(connection_closed, Reason),
     ?assert(Ms =< 1500),
@@ -295,12 +278,7 @@ init_stop_gives_prompt_nodedown(Config) ->
 %% connection_closed (the carrier closes its QUIC connections at VM exit).
 halt_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:cast(B, erlang, halt, []),
-    {Ms, Reason} = await_nodedown(A, NB, T0, 20000),
+    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:cast(B, erlang, halt, []) end),
     ct:pal("erlang:halt(): nodedown after ~b ms, reason ~p", [Ms, Reason]),
     ?assertEqual(connection_closed, Reason),
     ?assert(Ms < 1000),
@@ -419,7 +397,7 @@ restart_round(A, BOld, PortB, Mode) ->
                    pong = ?P:call(B, net_adm, ping, [NA]),
                    B;
                restart_after_nodedown ->
-                   {_, _} = await_nodedown(A, NB, KilledAt, 20000),
+                   {_, _} = ?P:await_nodedown(A, NB, KilledAt, 20000),
                    B = ?P:start(PortB, []),
                    pong = ?P:call(A, net_adm, ping, [NB]),
                    B
@@ -540,7 +518,7 @@ ten_node_mesh(Config) ->
     [ok = ?P:call(N, ?P, watch_start, []) || N <- Survivors],
     T0s = [?P:call(N, ?P, now_ms, []) || N <- Survivors],
     ok = ?P:kill(Victim),
-    Downs = ?P:parallel([fun() -> await_nodedown(N, NV, T, 20000) end
+    Downs = ?P:parallel([fun() -> ?P:await_nodedown(N, NV, T, 20000) end
                       || {N, T} <- lists:zip(Survivors, T0s)]),
     ct:pal("nodedown of ~p on the 9 others (ms, reason): ~p", [NV, Downs]),
     MaxDown = lists:max([Ms || {Ms, _} <- Downs]),
@@ -679,7 +657,7 @@ ticktime_change_kill_detected(Config) ->
     %% Now kill C.
     T0s = [?P:call(N, ?P, now_ms, []) || N <- [A, B]],
     ok = ?P:kill(C),
-    Downs = ?P:parallel([fun() -> await_nodedown(N, NC, T, 30000) end || {N, T} <- lists:zip([A, B], T0s)]),
+    Downs = ?P:parallel([fun() -> ?P:await_nodedown(N, NC, T, 30000) end || {N, T} <- lists:zip([A, B], T0s)]),
     ct:pal("after set_net_ticktime(8): kill -9 of C detected (ms, reason): ~p", [Downs]),
     Max = lists:max([Ms || {Ms, _} <- Downs]),
     ?assert(Max =< max_detect_ms(8000)),
@@ -750,17 +728,6 @@ ticktime_raised_tenfold_tolerates_silence(Config) ->
 %%% ------------------------------------------------------------------------------------
 %%% Helpers
 %%% ------------------------------------------------------------------------------------
-
-%% Waits for TNode's watcher to record a nodedown for Node: {Ms since T0 (TNode's
-%% clock), nodedown_reason}; fails the case if none comes within Timeout.
-await_nodedown(TNode, Node, T0, Timeout) ->
-    case ?P:call(TNode, ?P, watch_await, [nodedown, Node, Timeout], Timeout + 5000) of
-        {ok, {nodedown, Node, Info, T1}} ->
-            {T1 - T0, proplists:get_value(nodedown_reason, Info)};
-        timeout ->
-            ct:fail({no_nodedown, {on, ?P:node_of(TNode)}, {for, Node}, {within_ms, Timeout},
-                     {nodes, ?P:call(TNode, erlang, nodes, [])}})
-    end.
 
 %% The K-th UDP port of this case's block.
 port(Config, K) when K >= 1, K < ?BLOCK ->

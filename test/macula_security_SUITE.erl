@@ -27,7 +27,7 @@
          mitm_is_refused/0, mitm_is_refused/1,
          udp_relay_works/0, udp_relay_works/1]).
 %% Run on the nodes (through macula_test_peer:call/4)
--export([md5_receiver/1, ping_loop/3]).
+-export([ping_loop/3]).
 
 -define(P, macula_test_peer).
 -define(H, macula_hostile).
@@ -109,28 +109,9 @@ garbage_flood_during_transfer(Config) ->
 %% Sends a random binary of Size bytes from A to a process on NB, which answers with
 %% its md5: {Md5sEqual, Ms}.
 transfer(A, NB, Size) ->
-    ?P:run(A, fun() ->
-                      Self = self(),
-                      Receiver = spawn(NB, ?MODULE, md5_receiver, [Self]),
-                      Bin = crypto:strong_rand_bytes(Size),
-                      Md5 = erlang:md5(Bin),
-                      T0 = erlang:monotonic_time(millisecond),
-                      Receiver ! {data, Self, Bin},
-                      receive
-                          {md5, Receiver, RMd5, RSize} ->
-                              {RMd5 =:= Md5 andalso RSize =:= Size,
-                               erlang:monotonic_time(millisecond) - T0}
-                      after 60000 ->
-                              {timeout, 60000}
-                      end
-              end, 70000).
-
-md5_receiver(From) ->
-    receive
-        {data, From, Bin} -> From ! {md5, self(), erlang:md5(Bin), byte_size(Bin)}
-    after 60000 ->
-            ok
-    end.
+    {Md5, RemoteMd5, RemoteSize, Ms} =
+        ?P:call(A, macula_test_traffic, md5_transfer, [NB, Size, 60000], 70000),
+    {RemoteMd5 =:= Md5 andalso RemoteSize =:= Size, Ms}.
 
 %%% ------------------------------------------------------------------------------------
 %%% Half-open connections

@@ -23,7 +23,7 @@
 %% Test-node side, added for the resilience and network-namespace suites
 -export([start_netns/4, cast/4, signal/2]).
 %% Shared by the suites
--export([parallel/1, node_of/1, port_base/2, wait_nodes/2]).
+-export([parallel/1, node_of/1, port_base/2, wait_nodes/2, nodedown_after/3, await_nodedown/4]).
 %% Node side (called through call/5)
 -export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
          spawn_idle/0, idle/0]).
@@ -392,4 +392,28 @@ wait_nodes(TNode, Expected) ->
     case wait_until(fun() -> lists:sort(call(TNode, erlang, nodes, [])) =:= Want end, 5000) of
         ok -> ok;
         timeout -> {nodes_not, Want, on, node_of(TNode), but, call(TNode, erlang, nodes, [])}
+    end.
+
+%% @doc Connects `A' to `B', runs `Stop()' (which must return ok) and waits up to 20 s
+%% for A's nodedown of B: `{Ms, NodedownReason}', Ms on A's monotonic clock from just
+%% before `Stop()'.
+-spec nodedown_after(tnode(), tnode(), fun(() -> ok)) -> {integer(), term()}.
+nodedown_after(A, B, Stop) ->
+    NB = node_of(B),
+    pong = call(A, net_adm, ping, [NB]),
+    ok = call(A, ?MODULE, watch_start, []),
+    T0 = call(A, ?MODULE, now_ms, []),
+    ok = Stop(),
+    await_nodedown(A, NB, T0, 20000).
+
+%% @doc Waits (the watcher must run on `TNode') for TNode's nodedown of `Node':
+%% `{Ms since T0, NodedownReason}'; fails the case if none comes within `Timeout'.
+-spec await_nodedown(tnode(), node(), integer(), timeout()) -> {integer(), term()}.
+await_nodedown(TNode, Node, T0, Timeout) ->
+    case call(TNode, ?MODULE, watch_await, [nodedown, Node, Timeout], Timeout + 5000) of
+        {ok, {nodedown, Node, Info, T1}} ->
+            {T1 - T0, proplists:get_value(nodedown_reason, Info)};
+        timeout ->
+            ct:fail({no_nodedown, {on, node_of(TNode)}, {for, Node}, {within_ms, Timeout},
+                     {nodes, call(TNode, erlang, nodes, [])}})
     end.
