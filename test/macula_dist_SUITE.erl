@@ -301,12 +301,7 @@ kill_gives_nodedown(Config) ->
 %% reason connection_closed.
 init_stop_gives_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:call(B, init, stop, []) end),
-    ct:pal("init:stop: nodedown after ~b ms, reason ~p", [Ms, Reason]),
-    ?assertEqual(connection_closed, Reason),
-    ?assert(Ms < 2000),
-    ok = ?P:wait_until(fun() -> not ?P:is_os_alive(?P:os_pid(B)) end, 10000),
-    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.
+    ?P:closed_nodedown("init:stop", A, B, fun() -> ?P:call(B, init, stop, []) end, 1999).
 
 %% Shows: erlang:disconnect_node/1 gives nodedown reason disconnect locally (and a
 %% nodedown on the other side), and a new ping reconnects.

@@ -74,34 +74,20 @@ right_certs_connect(Config) ->
 
 %% A certificate from another CA is refused whichever side presents it.
 other_ca_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    Foreign = start(Base + 2, pki(Config, "foreign", [])),
-    pang = ping(Foreign, A),
-    pang = ping(A, Foreign),
-    no_connections([A, Foreign]).
+    refused_both_ways(Config, [], fun(Port) -> start(Port, pki(Config, "foreign", [])) end).
 
 %% An expired certificate is refused whichever side presents it.
 expired_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    Expired = start(Base + 2, pki(Config, "expired", [])),
-    pang = ping(Expired, A),
-    pang = ping(A, Expired),
-    no_connections([A, Expired]).
+    refused_both_ways(Config, [], fun(Port) -> start(Port, pki(Config, "expired", [])) end).
 
 %% A certificate from the CA, but for another host: with verify_name on A, A refuses it
 %% as acceptor (checked against the name in the peer's auth message) and as initiator
 %% (checked against the node A connects to).
 other_host_refused_with_verify_name(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", ["verify_name", "true"])),
-    Other = start(Base + 2, pki(Config, "otherhost", [])),
-    pang = ping(Other, A),
-    pang = ping(A, Other),
-    no_connections([A, Other]),
+    A = refused_both_ways(Config, ["verify_name", "true"],
+                          fun(Port) -> start(Port, pki(Config, "otherhost", [])) end),
     %% A third node with a right certificate still gets in.
-    B = start(Base + 3, pki(Config, "b", [])),
+    B = start(?config(base_port, Config) + 3, pki(Config, "b", [])),
     pong = ping(B, A).
 
 %% The same certificate is fine when names are not checked: the chain is valid.
@@ -115,21 +101,13 @@ other_host_accepted_without_verify_name(Config) ->
 
 %% Valid certificates do not replace the cookie: a wrong one is still refused.
 wrong_cookie_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    B = ?P:start(Base + 2, pki(Config, "b", []), #{cookie => "not_the_cookie"}),
-    pang = ping(B, A),
-    pang = ping(A, B),
-    no_connections([A, B]).
+    refused_both_ways(Config, [], fun(Port) ->
+                                          ?P:start(Port, pki(Config, "b", []), #{cookie => "not_the_cookie"})
+                                  end).
 
 %% A PKI node and a zero-configuration node do not connect.
 zero_config_and_pki_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    Zero = start(Base + 2, []),
-    pang = ping(Zero, A),
-    pang = ping(A, Zero),
-    no_connections([A, Zero]).
+    refused_both_ways(Config, [], fun(Port) -> start(Port, []) end).
 
 %% net_kernel:allow/1 is enforced by dist_util on the accepting side.
 allow_is_enforced(Config) ->
@@ -236,6 +214,18 @@ disconnect(From, To) ->
     ?P:wait_until(fun() -> not lists:member(node_of(To), ?P:call(From, erlang, nodes, []))
                            andalso not lists:member(node_of(From), ?P:call(To, erlang, nodes, []))
                   end, 5000).
+
+%% A node on the case's first port with the CA's certificate "a" (and options
+%% `AOpts'), and the one `StartOther(Port)' starts on the second: neither can connect
+%% to the other. Returns the first.
+refused_both_ways(Config, AOpts, StartOther) ->
+    Base = ?config(base_port, Config),
+    A = start(Base + 1, pki(Config, "a", AOpts)),
+    Other = StartOther(Base + 2),
+    pang = ping(Other, A),
+    pang = ping(A, Other),
+    no_connections([A, Other]),
+    A.
 
 no_connections(Nodes) ->
     [?assertEqual([], ?P:call(N, erlang, nodes, [])) || N <- Nodes],

@@ -267,23 +267,13 @@ kill_gives_nodedown_within_ticktime(Config) ->
 %% (init:stop itself takes about 1 s, with inet_tcp too).
 init_stop_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:call(B, init, stop, []) end),
-    ct:pal("init:stop(): nodedown after ~b ms, reason ~p", [Ms, Reason]),
-    ?assertEqual(connection_closed, Reason),
-    ?assert(Ms =< 1500),
-    ok = ?P:wait_until(fun() -> not ?P:is_os_alive(?P:os_pid(B)) end, 10000),
-    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.
+    ?P:closed_nodedown("init:stop()", A, B, fun() -> ?P:call(B, init, stop, []) end, 1500).
 
 %% Shows: erlang:halt() on B gives nodedown on A in under 1 s, reason
 %% connection_closed (the carrier closes its QUIC connections at VM exit).
 halt_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:cast(B, erlang, halt, []) end),
-    ct:pal("erlang:halt(): nodedown after ~b ms, reason ~p", [Ms, Reason]),
-    ?assertEqual(connection_closed, Reason),
-    ?assert(Ms < 1000),
-    ok = ?P:wait_until(fun() -> not ?P:is_os_alive(?P:os_pid(B)) end, 10000),
-    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.
+    ?P:closed_nodedown("erlang:halt()", A, B, fun() -> ?P:cast(B, erlang, halt, []) end, 999).
 
 %% Shows: B frozen with SIGSTOP for 7 s (net_ticktime 4) is dropped by A in time; after
 %% SIGCONT B sees its own nodedown, and the very next message A sends to a registered

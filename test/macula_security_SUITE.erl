@@ -331,6 +331,14 @@ start_ping_loop(NB) ->
     true = register(macula_security_ping_loop, Pid),
     ok.
 
+get_ping_loop() ->
+    macula_security_ping_loop ! {get, self()},
+    receive
+        {ping_loop, Ok, Errors} -> {Ok, Errors}
+    after 5000 ->
+            error(ping_loop_not_answering)
+    end.
+
 ping_loop(NB, Ok, Errors) ->
     receive
         {get, From} ->
@@ -341,14 +349,6 @@ ping_loop(NB, Ok, Errors) ->
                 NB -> ping_loop(NB, Ok + 1, Errors);
                 Other -> ping_loop(NB, Ok, lists:sublist([Other | Errors], 20))
             end
-    end.
-
-get_ping_loop() ->
-    macula_security_ping_loop ! {get, self()},
-    receive
-        {ping_loop, Ok, Errors} -> {Ok, Errors}
-    after 5000 ->
-            error(ping_loop_not_answering)
     end.
 
 %%% ------------------------------------------------------------------------------------
@@ -368,11 +368,8 @@ mitm_is_refused() ->
 %% the relay listens on 127.0.0.1:46101, where A dials B's name, and forwards to
 %% 127.0.0.2:46101.
 mitm_is_refused(Config) ->
-    {A, B} = relay_nodes(46101, 46103),
-    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
-    Mitm = ?H:start(tool(Config), ["mitm", "127.0.0.1:46101", "127.0.0.2:46101"]),
-    {ok, _} = ?H:await_line(Mitm, <<"MITM listening">>, 5000),
-    {Ping, Ms} = timed(fun() -> ?P:call(A, net_adm, ping, [NB]) end),
+    {A, B, Mitm, {Ping, Ms}} = ping_through(Config, "mitm", 46101, 46103),
+    NA = ?P:node_of(A),
     ok = ?P:wait_until(fun() -> [] =/= mitm_line(Mitm, <<"mirrored the close">>) end, 5000),
     timer:sleep(200),
     Lines = ?H:stop(Mitm),
@@ -406,11 +403,8 @@ udp_relay_works() ->
 %% as the MITM above does not disturb anything: ping pong, calls both ways, and B sees
 %% A at the relay's address.
 udp_relay_works(Config) ->
-    {A, B} = relay_nodes(46111, 46113),
+    {A, B, Relay, {Ping, Ms}} = ping_through(Config, "udp-relay", 46111, 46113),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
-    Relay = ?H:start(tool(Config), ["udp-relay", "127.0.0.1:46111", "127.0.0.2:46111"]),
-    {ok, _} = ?H:await_line(Relay, <<"RELAY listening">>, 5000),
-    {Ping, Ms} = timed(fun() -> ?P:call(A, net_adm, ping, [NB]) end),
     ?assertEqual(pong, Ping),
     ok = ?P:wait_nodes(B, [NA]),
     ?assertEqual(NB, ?P:call(A, erpc, call, [NB, erlang, node, []])),
@@ -428,6 +422,21 @@ udp_relay_works(Config) ->
     {comment, io_lib:format("pong after ~b ms; B sees A at ~0p (the relay)", [Ms, PeerOfA])}.
 
 %% B named Port@127.0.0.1 but bound to 127.0.0.2 only; A on APort@127.0.0.1.
+%% Nodes as relay_nodes/2, the tool in `Mode' (mitm, udp-relay) in between, and a timed
+%% ping from A to B through it.
+ping_through(Config, Mode, BPort, APort) ->
+    {A, B} = relay_nodes(BPort, APort),
+    Through = io_lib:format("127.0.0.1:~b", [BPort]),
+    To = io_lib:format("127.0.0.2:~b", [BPort]),
+    Tool = ?H:start(tool(Config), [Mode, lists:flatten(Through), lists:flatten(To)]),
+    Ready = case Mode of
+                "mitm" -> <<"MITM listening">>;
+                "udp-relay" -> <<"RELAY listening">>
+            end,
+    {ok, _} = ?H:await_line(Tool, Ready, 5000),
+    NB = ?P:node_of(B),
+    {A, B, Tool, timed(fun() -> ?P:call(A, net_adm, ping, [NB]) end)}.
+
 relay_nodes(BPort, APort) ->
     [B, A] = start_nodes([{BPort, ["-kernel", "inet_dist_use_interface", "{127,0,0,2}"]},
                           {APort, []}]),

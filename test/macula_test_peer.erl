@@ -23,10 +23,13 @@
 %% Test-node side, added for the resilience and network-namespace suites
 -export([start_netns/4, cast/4, signal/2]).
 %% Shared by the suites
--export([parallel/1, node_of/1, port_base/2, wait_nodes/2, nodedown_after/3, await_nodedown/4]).
+-export([parallel/1, node_of/1, port_base/2, wait_nodes/2, nodedown_after/3, await_nodedown/4,
+         closed_nodedown/5]).
 %% Node side (called through call/5)
 -export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
          spawn_idle/0, idle/0]).
+
+-include_lib("stdlib/include/assert.hrl").
 
 -define(COOKIE, "macula_test").
 -define(TICKTIME, "4").
@@ -417,3 +420,15 @@ await_nodedown(TNode, Node, T0, Timeout) ->
             ct:fail({no_nodedown, {on, node_of(TNode)}, {for, Node}, {within_ms, Timeout},
                      {nodes, call(TNode, erlang, nodes, [])}})
     end.
+
+%% @doc For a `Stop' that ends node B cleanly (init:stop/0, erlang:halt/0), labelled
+%% `What' in the log: A's nodedown of B must say connection_closed and come within
+%% `LimitMs', and B's OS process must exit. Returns the case comment.
+-spec closed_nodedown(string(), tnode(), tnode(), fun(() -> ok), pos_integer()) -> {comment, iodata()}.
+closed_nodedown(What, A, B, Stop, LimitMs) ->
+    {Ms, Reason} = nodedown_after(A, B, Stop),
+    ct:pal("~s: nodedown after ~b ms, reason ~p", [What, Ms, Reason]),
+    ?assertEqual(connection_closed, Reason),
+    ?assert(Ms =< LimitMs),
+    ok = wait_until(fun() -> not is_os_alive(os_pid(B)) end, 10000),
+    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.
