@@ -114,23 +114,10 @@ frozen_receiver(Config) ->
     FreezeS = freeze_seconds(),
     %% Generous: after SIGCONT the senders have been seen to stand still for 60 s.
     ct:timetrap({seconds, FreezeS + 300}),
-    Args = ["-kernel", "net_ticktime", "120"],
-    [A, B] = start_nodes(Config, 2, Args),
-    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
+    #{a := A, b := B, nb := NB, procs_a := ProcsA, receiver := Receiver, t0 := T0} = Rig =
+        start_rig(Config, ["-kernel", "net_ticktime", "120"], #{delay_ms => 0, ack_every => 0},
+                  #{busymon => true, rss => [a]}),
     [?assertEqual(120, ?P:call(N, net_kernel, get_net_ticktime, [])) || N <- [A, B]],
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:wait_nodes(B, [NA]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    ok = ?P:call(B, ?P, watch_start, []),
-    ProcsA = conn_procs(A, NB),
-    ProcsB = conn_procs(B, NA),
-    Receiver = start_receiver(B, #{delay_ms => 0, ack_every => 0}),
-    ok = ?P:run(A, fun() -> start_busymon() end),
-    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
-    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
-    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
-    Rss = start_rss_sampler([{a, ?P:os_pid(A)}]),
-    T0 = now_ms(),
     timer:sleep(1500),
     %% Load.
     probe_phase(A, flowing),
@@ -167,17 +154,9 @@ frozen_receiver(Config) ->
     probe_phase(A, recovered),
     %% Let it flow again, then stop the senders and wait for everything to arrive.
     timer:sleep(1000),
-    Sent = stop_load(A),
-    TStop = now_ms(),
-    Received = await_received(B, Sent, 60000),
-    TDone = now_ms(),
-    Samples = stop_rss_sampler(Rss),
-    Probes = probe_report(A),
-    BusyEvents = busymon_report(A),
-    QueuesA = qsampler_report(A),
-    QueuesB = qsampler_report(B),
-    EventsA = ?P:call(A, ?P, watch_events, []),
-    EventsB = ?P:call(B, ?P, watch_events, []),
+    #{sent := Sent, t_stop := TStop, received := Received, t_done := TDone, samples := Samples,
+      probes := Probes, busy_events := BusyEvents, queues_a := QueuesA, queues_b := QueuesB,
+      events_a := EventsA, events_b := EventsB} = finish_rig(Rig, 60000),
     CtrlAfter = conn_ctrl(A, NB),
     %% The numbers.
     Idle = rss_max(Samples, a, T0, TLoad),
@@ -250,36 +229,17 @@ frozen_receiver(Config) ->
 %% processes stay small on both nodes for 10 s of sending, and every message arrives
 %% in order.
 slow_receiver(Config) ->
-    [A, B] = start_nodes(Config, 2, []),
-    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:wait_nodes(B, [NA]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    ok = ?P:call(B, ?P, watch_start, []),
-    ProcsA = conn_procs(A, NB),
-    ProcsB = conn_procs(B, NA),
-    Receiver = start_receiver(B, #{delay_ms => 1, ack_every => ?ACK_EVERY}),
-    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
-    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
-    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
-    Rss = start_rss_sampler([{a, ?P:os_pid(A)}, {b, ?P:os_pid(B)}]),
-    T0 = now_ms(),
+    #{a := A, receiver := Receiver, t0 := T0} = Rig =
+        start_rig(Config, [], #{delay_ms => 1, ack_every => ?ACK_EVERY}, #{rss => [a, b]}),
     timer:sleep(1000),
     probe_phase(A, sending),
     TLoad = now_ms(),
     ok = ?P:run(A, fun() -> start_load(Receiver, ?SENDERS, ?WINDOW) end),
     timer:sleep(10000),
     probe_phase(A, stopped),
-    Sent = stop_load(A),
-    TStop = now_ms(),
-    Received = await_received(B, Sent, 30000),
-    TDone = now_ms(),
-    Samples = stop_rss_sampler(Rss),
-    Probes = probe_report(A),
-    QueuesA = qsampler_report(A),
-    QueuesB = qsampler_report(B),
-    EventsA = ?P:call(A, ?P, watch_events, []),
-    EventsB = ?P:call(B, ?P, watch_events, []),
+    #{sent := Sent, t_stop := TStop, received := Received, t_done := TDone, samples := Samples,
+      probes := Probes, queues_a := QueuesA, queues_b := QueuesB,
+      events_a := EventsA, events_b := EventsB} = finish_rig(Rig, 30000),
     [IdleA, IdleB] = [rss_max(Samples, N, T0, TLoad) || N <- [a, b]],
     [MaxA, MaxB] = [rss_max(Samples, N, TLoad, TDone) || N <- [a, b]],
     ct:pal("slow_receiver: 10 s of sending, receiver sleeps 1 ms per message, window ~b, ack every ~b~n"
@@ -324,21 +284,9 @@ stalled_input_handler(Config) ->
                    "" -> "120";
                    T -> T
                end,
-    [A, B] = start_nodes(Config, 2, ["-kernel", "net_ticktime", TickTime]),
-    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:wait_nodes(B, [NA]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    ok = ?P:call(B, ?P, watch_start, []),
-    ProcsA = conn_procs(A, NB),
-    ProcsB = conn_procs(B, NA),
-    Receiver = start_receiver(B, #{delay_ms => 0, ack_every => 0}),
-    ok = ?P:run(A, fun() -> start_busymon() end),
-    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
-    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
-    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
-    Rss = start_rss_sampler([{a, ?P:os_pid(A)}, {b, ?P:os_pid(B)}]),
-    T0 = now_ms(),
+    #{a := A, b := B, procs_b := ProcsB, receiver := Receiver, t0 := T0} = Rig =
+        start_rig(Config, ["-kernel", "net_ticktime", TickTime], #{delay_ms => 0, ack_every => 0},
+                  #{busymon => true, rss => [a, b]}),
     timer:sleep(1500),
     TLoad = now_ms(),
     probe_phase(A, flowing),
@@ -362,17 +310,9 @@ stalled_input_handler(Config) ->
     TResume = now_ms(),
     Resumed = ?P:run(B, fun() -> stop_staller() end),
     timer:sleep(1500),
-    Sent = stop_load(A),
-    TStop = now_ms(),
-    Received = await_received(B, Sent, 60000),
-    TDone = now_ms(),
-    Samples = stop_rss_sampler(Rss),
-    Probes = probe_report(A),
-    BusyEvents = busymon_report(A),
-    QueuesA = qsampler_report(A),
-    QueuesB = qsampler_report(B),
-    EventsA = ?P:call(A, ?P, watch_events, []),
-    EventsB = ?P:call(B, ?P, watch_events, []),
+    #{sent := Sent, t_stop := TStop, received := Received, t_done := TDone, samples := Samples,
+      probes := Probes, busy_events := BusyEvents, queues_a := QueuesA, queues_b := QueuesB,
+      events_a := EventsA, events_b := EventsB} = finish_rig(Rig, 60000),
     [IdleA, IdleB] = [rss_max(Samples, N, T0, TLoad) || N <- [a, b]],
     [StalledA, StalledB] = [rss_max(Samples, N, TStall, TResume) || N <- [a, b]],
     %% What the stall adds: the most while stalled over the last sample before it.
@@ -423,6 +363,50 @@ stalled_input_handler(Config) ->
 
 format(Format, Args) ->
     lists:flatten(io_lib:format(Format, Args)).
+
+%% What every case sets up: nodes A and B (with `Args') connected, node watchers on
+%% both, a receiver on B (`ReceiverOpts'), on A the `[nosuspend]' probe (and the
+%% busy_dist_port monitor with `busymon'), queue samplers of the connection's processes
+%% on both, and an RSS sampler of the nodes in `rss' ([a] or [a, b]).
+start_rig(Config, Args, ReceiverOpts, Opts) ->
+    [A, B] = start_nodes(Config, 2, Args),
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
+    pong = ?P:call(A, net_adm, ping, [NB]),
+    ok = ?P:wait_nodes(B, [NA]),
+    ok = ?P:call(A, ?P, watch_start, []),
+    ok = ?P:call(B, ?P, watch_start, []),
+    ProcsA = conn_procs(A, NB),
+    ProcsB = conn_procs(B, NA),
+    Receiver = start_receiver(B, ReceiverOpts),
+    Busymon = maps:get(busymon, Opts, false),
+    case Busymon of
+        true -> ok = ?P:run(A, fun() -> start_busymon() end);
+        false -> ok
+    end,
+    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
+    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
+    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
+    Rss = start_rss_sampler([{Label, ?P:os_pid(N)} || {Label, N} <- [{a, A}, {b, B}],
+                                                     lists:member(Label, maps:get(rss, Opts))]),
+    #{a => A, b => B, nb => NB, procs_a => ProcsA, procs_b => ProcsB, receiver => Receiver,
+      busymon => Busymon, rss => Rss, t0 => now_ms()}.
+
+%% Stops A's senders, waits up to `WaitMs' for all they sent to arrive, and collects
+%% what the rig recorded.
+finish_rig(#{a := A, b := B, busymon := Busymon, rss := Rss}, WaitMs) ->
+    Sent = stop_load(A),
+    TStop = now_ms(),
+    Received = await_received(B, Sent, WaitMs),
+    TDone = now_ms(),
+    Report = #{sent => Sent, t_stop => TStop, received => Received, t_done => TDone,
+               samples => stop_rss_sampler(Rss), probes => probe_report(A)},
+    Busy = case Busymon of
+               true -> Report#{busy_events => busymon_report(A)};
+               false -> Report
+           end,
+    Busy#{queues_a => qsampler_report(A), queues_b => qsampler_report(B),
+          events_a => ?P:call(A, ?P, watch_events, []),
+          events_b => ?P:call(B, ?P, watch_events, [])}.
 
 %%% ------------------------------------------------------------------------------------
 %%% Checks
@@ -638,20 +622,18 @@ node_call(Name, Request, Timeout) ->
 
 %% The load: ?SENDERS processes, a counter of what each has sent, a stop flag.
 start_load(Receiver, N, Window) ->
-    Parent = self(),
-    Pid = spawn(fun() ->
-                        Counts = counters:new(N, [write_concurrency]),
-                        Stop = atomics:new(1, []),
-                        Payload = binary:copy(<<"m">>, ?MSG_SIZE - 12),
-                        Senders = [{Id, spawn_opt(fun() -> sender(Receiver, Id, Counts, Stop, Window, Payload) end,
-                                                  [monitor])}
-                                   || Id <- lists:seq(1, N)],
-                        Parent ! {self(), started},
-                        load_loop(Senders, Counts, Stop)
-                end),
-    receive {Pid, started} -> ok end,
-    true = register(?LOAD, Pid),
-    ok.
+    ?P:spawn_registered(
+       ?LOAD,
+       fun(Ready) ->
+               Counts = counters:new(N, [write_concurrency]),
+               Stop = atomics:new(1, []),
+               Payload = binary:copy(<<"m">>, ?MSG_SIZE - 12),
+               Senders = [{Id, spawn_opt(fun() -> sender(Receiver, Id, Counts, Stop, Window, Payload) end,
+                                         [monitor])}
+                          || Id <- lists:seq(1, N)],
+               Ready(),
+               load_loop(Senders, Counts, Stop)
+       end).
 
 load_loop(Senders, Counts, Stop) ->
     receive
@@ -750,15 +732,12 @@ probe_loop(Receiver, Phase, Counts) ->
 
 %% Records busy_dist_port system monitor events (the count and the first 10).
 start_busymon() ->
-    Parent = self(),
-    Pid = spawn(fun() ->
-                        erlang:system_monitor(self(), [busy_dist_port]),
-                        Parent ! {self(), monitoring},
-                        busymon_loop(erlang:monotonic_time(millisecond), 0, [])
-                end),
-    receive {Pid, monitoring} -> ok end,
-    true = register(?BUSYMON, Pid),
-    ok.
+    ?P:spawn_registered(?BUSYMON,
+                        fun(Ready) ->
+                                erlang:system_monitor(self(), [busy_dist_port]),
+                                Ready(),
+                                busymon_loop(erlang:monotonic_time(millisecond), 0, [])
+                        end).
 
 busymon_loop(T0, Count, First) ->
     receive

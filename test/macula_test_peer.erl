@@ -27,7 +27,7 @@
          closed_nodedown/5]).
 %% Node side (called through call/5)
 -export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
-         spawn_idle/0, idle/0]).
+         spawn_idle/0, idle/0, spawn_registered/2]).
 
 -include_lib("stdlib/include/assert.hrl").
 
@@ -327,6 +327,17 @@ notify(Events, Waiters) ->
 -spec now_ms() -> integer().
 now_ms() ->
     erlang:monotonic_time(millisecond).
+
+%% @doc Spawns `Body(Ready)' on this node and registers it as `Name' once it has called
+%% `Ready()' (when its setup is done).
+-spec spawn_registered(atom(), fun((fun(() -> term())) -> term())) -> ok.
+spawn_registered(Name, Body) ->
+    Parent = self(),
+    Tag = make_ref(),
+    Pid = spawn(fun() -> Body(fun() -> Parent ! {Tag, ready} end) end),
+    receive {Tag, ready} -> ok end,
+    true = register(Name, Pid),
+    ok.
 
 %% @doc A process on this node that lives until killed (or told `stop').
 -spec spawn_idle() -> pid().
