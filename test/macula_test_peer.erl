@@ -6,10 +6,11 @@
 %%% Nodes inside a network namespace ({@link start_netns/4}) use their stdio as the
 %%% control connection instead (`connection => standard_io').
 %%%
-%%% A node is a map `#{peer, node, port, os_pid}'. Every started node is remembered by
-%%% a small tracker process, so {@link stop_all/0} (called from `end_per_testcase',
-%%% even after a failed or timed-out case) can stop them, and SIGKILL any that do not
-%%% exit in time.
+%%% A node is a map `#{peer, node, port, os_pid}', started by macula_node (the one
+%%% node-start module, shared with the demo and the benchmark). Every started node is
+%%% remembered by a tracker (macula_test_tracker), so {@link stop_all/0} (called by
+%%% macula_ct_hook after every case, even a failed or timed-out one) can stop them, and
+%%% SIGKILL any that do not exit in time.
 %%%
 %%% The second half of this module runs ON the nodes: a node event watcher
 %%% (`net_kernel:monitor_nodes(true, [nodedown_reason])') whose events carry the
