@@ -5,13 +5,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use macula_quic::tls;
 use quinn::{ConnectionError, Endpoint, RecvStream, SendStream, ServerConfig, VarInt};
 
 use crate::{net, wire, Res};
 
 pub async fn run(listen: SocketAddr, target: SocketAddr) -> Res<i32> {
-    let identity = macula_quic::tls::Identity::ephemeral()?;
-    let mut server_config = ServerConfig::with_crypto(Arc::new(macula_quic::tls::server_crypto(&identity)?));
+    let identity = tls::Identity::ephemeral()?;
+    let mut server_config = ServerConfig::with_crypto(Arc::new(tls::server_crypto(&identity)?));
     server_config.transport_config(net::transport());
     let server = Endpoint::server(server_config, listen)?;
     let client = net::client_endpoint(target)?;

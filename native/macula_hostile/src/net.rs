@@ -4,6 +4,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use macula_quic::tls;
 use quinn::{ClientConfig, ConnectionError, Endpoint, TransportConfig, VarInt};
 
 use crate::Res;
@@ -44,7 +45,7 @@ pub fn transport() -> Arc<TransportConfig> {
 /// certificate, ALPN macula-dist/1).
 pub fn client_endpoint(target: SocketAddr) -> Res<Endpoint> {
     let mut endpoint = Endpoint::client(local_for(target))?;
-    let mut config = ClientConfig::new(Arc::new(macula_quic::tls::client_crypto()?));
+    let mut config = ClientConfig::new(Arc::new(tls::client_crypto()?));
     config.transport_config(transport());
     endpoint.set_default_client_config(config);
     Ok(endpoint)
