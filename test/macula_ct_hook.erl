@@ -9,8 +9,8 @@
 %%% <li>with `Opts' `#{ports_per_case := N, port_range := {Lo, Hi}}': picks one random
 %%% free block of UDP ports for the run (macula_test_peer:port_base/2, or
 %%% `MACULA_TEST_PORT_BASE'), and gives each case `{base_port, P}' in its Config, the
-%%% first of its own N ports (run base + N * its position in all/0), so cases never
-%%% share a port;</li>
+%%% first of its own N ports (run base + N * its position in all/0, groups expanded),
+%%% so cases never share a port;</li>
 %%% <li>after each case (after the suite's `end_per_testcase') and after the suite:
 %%% stops every node still running (macula_test_peer:stop_all/0), whatever
 %%% happened.</li>
@@ -41,7 +41,7 @@ pre_init_per_suite(Suite, Config, State = #state{opts = Opts}) ->
             ct:pal("~s: nodes run the copy in ~ts", [Suite, filename:dirname(Snapshot)]),
             case Opts of
                 #{ports_per_case := PerCase, port_range := Range} ->
-                    Count = PerCase * (length(Suite:all()) + 1),
+                    Count = PerCase * (length(cases(Suite)) + 1),
                     Base = macula_test_peer:port_base(Count, Range),
                     ct:pal("~s: UDP ports of this run: ~b..~b", [Suite, Base, Base + Count - 1]),
                     {Config, State#state{port_base = Base}};
@@ -58,12 +58,44 @@ pre_init_per_testcase(_Suite, _Case, Config, State = #state{port_base = undefine
     {Config, State};
 pre_init_per_testcase(Suite, Case, Config, State = #state{opts = #{ports_per_case := PerCase},
                                                          port_base = Base}) ->
-    {[{base_port, Base + PerCase * position(Case, Suite:all())} | Config], State}.
+    {[{base_port, Base + PerCase * position(Case, cases(Suite))} | Config], State}.
 
 post_end_per_testcase(_Suite, _Case, _Config, Return, State) ->
     macula_test_peer:stop_all(),
     {Return, State}.
 
-%% 1 for the first case of all/0.
+%% 1 for the first case.
 position(Case, Cases) ->
     length(lists:takewhile(fun(C) -> C =/= Case end, Cases)) + 1.
+
+%% Every case of the suite once, in the order of all/0 with its groups expanded.
+cases(Suite) ->
+    {module, Suite} = code:ensure_loaded(Suite),
+    Groups = case erlang:function_exported(Suite, groups, 0) of
+                 true -> Suite:groups();
+                 false -> []
+             end,
+    unique(expand(Suite:all(), Groups)).
+
+expand(Entries, Groups) ->
+    lists:flatmap(fun({group, Name}) -> group_cases(Name, Groups);
+                     ({group, Name, _Props}) -> group_cases(Name, Groups);
+                     ({group, Name, _Props, _Sub}) -> group_cases(Name, Groups);
+                     ({testcase, Case, _Props}) -> [Case];
+                     (Case) when is_atom(Case) -> [Case]
+                  end, Entries).
+
+group_cases(Name, Groups) ->
+    case lists:keyfind(Name, 1, Groups) of
+        {Name, _Props, Entries} -> expand(Entries, Groups);
+        {Name, Entries} -> expand(Entries, Groups);
+        false -> []
+    end.
+
+unique(Cases) ->
+    lists:reverse(lists:foldl(fun(C, Seen) ->
+                                      case lists:member(C, Seen) of
+                                          true -> Seen;
+                                          false -> [C | Seen]
+                                      end
+                              end, [], Cases)).
