@@ -324,13 +324,11 @@ handle_common(Stray, S) ->
 %% twice the VM's busy limit): every suspended sender is resumed and a small message
 %% queued behind a bulk transfer goes out on its own stream at once, instead of losing
 %% the race for the queue to the bulk sender time after time.
-drain(#ctrl{busy = true} = S) ->
-    S;
 drain(S) ->
     drain(S, [], 0, 0).
 
 drain_all(S) ->
-    drain(S#ctrl{busy = false}, [], 0, 2 * erlang:system_info(dist_buf_busy_limit)).
+    drain(S, [], 0, 2 * erlang:system_info(dist_buf_busy_limit)).
 
 drain(#ctrl{batch_limit = Limit} = S, Batch, Size, Allowance) when Size >= Limit ->
     case push(S, Batch) of
