@@ -197,12 +197,12 @@ impl Client {
                 let mut uni = self.conn.open_uni().await?;
                 let mut junk = vec![0; 4096];
                 self.rng.fill_bytes(&mut junk);
-                uni.write_all(&[&[0xff, 0xff, 0xff, 0xff][..], &junk].concat()).await?;
+                uni.write_all(&[&[wire::NORMAL_DATA_STREAM, 0xff, 0xff, 0xff, 0xff][..], &junk].concat()).await?;
                 println!("MALFORMED sent a data frame claiming 4294967295 bytes");
             }
             Mode::JunkPacket => {
                 let mut uni = self.conn.open_uni().await?;
-                let mut junk = Vec::new();
+                let mut junk = vec![wire::NORMAL_DATA_STREAM];
                 for _ in 0..5 {
                     let mut packet = vec![0; self.rng.random_range(1..=1000)];
                     self.rng.fill_bytes(&mut packet);

@@ -26,6 +26,9 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-macula-dist-cookie-proof";
 /// Length of the exporter value and of a proof.
 pub const PROOF_LEN: usize = 32;
 
+/// The first byte of a data stream: an ordinary (not the priority) stream.
+pub const NORMAL_DATA_STREAM: u8 = 0;
+
 /// The side a proof is made for.
 #[derive(Clone, Copy)]
 pub enum Role {
