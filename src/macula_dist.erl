@@ -2,7 +2,8 @@
 %%%
 %%% Start a node with
 %%% `erl -proto_dist macula -no_epmd -start_epmd false -name 4433@10.0.0.5'.
-%%% The name part of a node name is its UDP port, so no EPMD is involved. Every
+%%% The name part of such a node name is its UDP port, so no EPMD is involved; other
+%%% names (`app@10.0.0.5') are found through macula_dist_discovery. Every
 %%% connection is one QUIC connection with TLS 1.3; the distribution handshake runs on
 %%% a control stream and distribution data on a data stream (see macula_dist_ctrl for
 %%% the processes of a connection and native/macula_quic for the wire format).
@@ -41,40 +42,55 @@ listen(Name) ->
     {ok, Host} = inet:gethostname(),
     listen(Name, Host).
 
-%% Opens the node's UDP endpoint on the port its name gives. Creation -1 makes
-%% net_kernel pick a random creation, so each incarnation of a name differs.
--spec listen(atom(), string()) -> {ok, {macula_dist_nif:endpoint(), #net_address{}, -1}} | {error, term()}.
+%% Opens the node's UDP endpoint on the port its name gives (or, for other names, the
+%% one macula_dist_discovery picks). Creation -1 makes net_kernel pick a random
+%% creation, so each incarnation of a name differs.
+-spec listen(atom(), string()) -> {ok, {macula_dist_nif:endpoint(), #net_address{}, integer()}} | {error, term()}.
 listen(Name, Host) ->
     case open_endpoint(Name, Host) of
-        {ok, Endpoint, Address} ->
-            {ok, {Endpoint, Address, -1}};
+        {ok, Endpoint, Address, Creation} ->
+            {ok, {Endpoint, Address, Creation}};
         {error, Reason} = Error ->
-            report_boot_error(Name, Host, Reason),
+            report_boot_error(io_lib:format("listen as ~ts@~ts", [Name, Host]), Reason),
             Error
     end.
 
 open_endpoint(Name, Host) ->
     try
-        Port = unwrap(macula_dist_name:port(Name)),
+        Config = unwrap(load()),
+        Port = unwrap(macula_dist_discovery:listen_port(Name, Config)),
         {Ip, Family} = unwrap(resolve(Host)),
-        Endpoint = unwrap(bind_endpoint(Family, Port)),
-        {ok, Endpoint, #net_address{address = {Ip, Port}, host = Host,
-                                    protocol = ?PROTOCOL, family = Family}}
+        {Endpoint, BoundPort} = unwrap(bind_endpoint(Family, Port, Config)),
+        case macula_dist_discovery:start(Name, BoundPort, Family, Config) of
+            {ok, Creation} ->
+                {ok, Endpoint, #net_address{address = {Ip, BoundPort}, host = Host,
+                                            protocol = ?PROTOCOL, family = Family},
+                 Creation};
+            {error, _} = Error ->
+                close(Endpoint),
+                Error
+        end
     catch
         throw:{?MODULE, Reason} -> {error, Reason}
     end.
 
-%% Loads the NIF and the options, binds, and remembers the endpoint for setup/5.
-bind_endpoint(Family, Port) ->
-    try
-        ok = unwrap(macula_dist_nif:load()),
-        Config = unwrap(macula_dist_config:load()),
-        Options = macula_dist_config:nif_options(Config),
-        Endpoint = unwrap(macula_dist_nif:listen(macula_dist_config:bind_ip(Family), Port, Options)),
-        persistent_term:put(?ENDPOINT, {Endpoint, Family, Config}),
-        {ok, Endpoint}
-    catch
-        throw:{?MODULE, Reason} -> {error, Reason}
+%% Loads the NIF and the options.
+load() ->
+    case macula_dist_nif:load() of
+        ok -> macula_dist_config:load();
+        {error, _} = Error -> Error
+    end.
+
+%% Binds, and remembers the endpoint for setup/5.
+bind_endpoint(Family, Port, Config) ->
+    Options = macula_dist_config:nif_options(Config),
+    case macula_dist_nif:listen(macula_dist_config:bind_ip(Family), Port, Options) of
+        {ok, Endpoint} ->
+            persistent_term:put(?ENDPOINT, {Endpoint, Family, Config}),
+            {ok, {_Ip, BoundPort}} = macula_dist_nif:endpoint_address(Endpoint),
+            {ok, {Endpoint, BoundPort}};
+        {error, _} = Error ->
+            Error
     end.
 
 unwrap(ok) -> ok;
@@ -95,8 +111,8 @@ family(Ip) when tuple_size(Ip) =:= 4 -> inet;
 family(Ip) when tuple_size(Ip) =:= 8 -> inet6.
 
 %% The logger is not running yet when listen/2 fails at boot; stderr is.
-report_boot_error(Name, Host, Reason) ->
-    Text = io_lib:format("macula_dist: cannot listen as ~ts@~ts: ~tp~n", [Name, Host, Reason]),
+report_boot_error(What, Reason) ->
+    Text = io_lib:format("macula_dist: cannot ~ts: ~tp~n", [What, Reason]),
     catch erlang:display_string(lists:flatten(Text)),
     ok.
 
@@ -146,7 +162,8 @@ do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
                        {ok, AuthName} -> AuthName;
                        {error, _} -> ?shutdown(no_node)
                    end,
-            HSData0 = macula_dist_ctrl:hs_data(Ctrl, Conn),
+            HSData0 = with_new_connection_opts(macula_dist_ctrl:hs_data(Ctrl, Conn),
+                                               inet_dist_listen_options),
             HSData = HSData0#hs_data{
                        f_recv = macula_dist_auth:bind_name(HSData0#hs_data.f_recv, Name, PeerAddr),
                        kernel_pid = Kernel,
@@ -167,10 +184,14 @@ setup(Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
 
 do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
     Timer = dist_util:start_timer(SetupTime),
-    {Port, Host} = case splitname(Node) of
-                       false -> ?shutdown2(Node, {bad_node_name, Node});
-                       PortHost -> PortHost
+    {Host, Port} = case macula_dist_discovery:locate(Node, SetupTime div 2) of
+                       {ok, HostPort} ->
+                           HostPort;
+                       {error, NotFound} ->
+                           ?LOG_WARNING("macula_dist: cannot connect to ~ts: ~tp", [Node, NotFound]),
+                           ?shutdown2(Node, {cannot_locate, NotFound})
                    end,
+    dist_util:reset_timer(Timer),
     ok = macula_dist_nif:connect(endpoint(), unicode:characters_to_binary(Host), Port, self()),
     Conn = receive
                {macula_connect, {ok, C}} -> C;
@@ -187,13 +208,30 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
         ok -> ok;
         {error, AuthError} -> ?shutdown2(Node, {not_authenticated, AuthError})
     end,
-    HSData = (macula_dist_ctrl:hs_data(Ctrl, Conn))#hs_data{
+    HSData0 = with_new_connection_opts(macula_dist_ctrl:hs_data(Ctrl, Conn),
+                                       inet_dist_connect_options),
+    HSData = HSData0#hs_data{
                kernel_pid = Kernel,
                other_node = Node,
                this_node = MyNode,
                timer = Timer,
                request_type = Type},
     dist_util:handshake_we_started(HSData).
+
+%% net_kernel:setopts(new, Opts) keeps the options of new connections in these kernel
+%% parameters (the listen one for accepted connections, the connect one for those set
+%% up here); `dist_nodelay' is the default. Only `nodelay' means something to macula.
+with_new_connection_opts(#hs_data{socket = Ctrl, mf_setopts = SetOpts} = HSData, Param) ->
+    Default = [{nodelay, application:get_env(kernel, dist_nodelay, true)}],
+    Given = case application:get_env(kernel, Param) of
+                {ok, List} when is_list(List) -> [Opt || {nodelay, _} = Opt <- List];
+                _ -> []
+            end,
+    case lists:last(Default ++ Given) of
+        {nodelay, Bool} = Opt when is_boolean(Bool) -> ok = SetOpts(Ctrl, [Opt]);
+        _ -> ok
+    end,
+    HSData.
 
 %% Closes every connection (peers see connection_closed at once) and the socket.
 -spec close(macula_dist_nif:endpoint()) -> ok.
@@ -206,26 +244,40 @@ close(Endpoint) ->
     _ = persistent_term:erase(?ENDPOINT),
     ok.
 
-%% Runs inside net_kernel for every outgoing connection: syntax only, no lookups.
+%% Runs inside net_kernel for every outgoing connection: syntax only, no lookups
+%% (where a Name@Host node listens is found by the process setup/5 spawns).
 -spec select(node()) -> boolean().
 select(Node) ->
-    splitname(Node) =/= false.
+    is_node_name(Node).
 
-%% Only for nodes that do not listen (`-dist_listen false'): they still need a socket
-%% to connect from, so one is opened on an ephemeral port.
+%% Only for nodes that do not listen (`-dist_listen false', OTP's dynamic names
+%% `undefined@Host'): they still need a socket to connect from, so one is opened on an
+%% ephemeral port. Nobody can connect to such a node; it connects out.
 -spec address() -> #net_address{}.
 address() ->
     {ok, Host} = inet:gethostname(),
+    Family = family(macula_dist_config:bind_ip(inet)),
     case persistent_term:get(?ENDPOINT, undefined) of
-        undefined -> open_client_endpoint();
+        undefined -> open_client_endpoint(Family);
         _ -> ok
     end,
-    #net_address{host = Host, protocol = ?PROTOCOL, family = inet}.
+    #net_address{host = Host, protocol = ?PROTOCOL, family = Family}.
 
-open_client_endpoint() ->
-    case bind_endpoint(inet, 0) of
-        {ok, _Endpoint} -> ok;
-        {error, Reason} -> erlang:error({macula_dist, Reason})
+open_client_endpoint(Family) ->
+    Opened = case load() of
+                 {ok, Config} ->
+                     case bind_endpoint(Family, 0, Config) of
+                         {ok, {_Endpoint, Port}} -> macula_dist_discovery:start(client, Port, Family, Config);
+                         {error, _} = Error -> Error
+                     end;
+                 {error, _} = Error ->
+                     Error
+             end,
+    case Opened of
+        {ok, _Creation} -> ok;
+        {error, Reason} ->
+            report_boot_error("open a socket to connect from", Reason),
+            erlang:error({macula_dist, Reason})
     end.
 
 endpoint() ->
@@ -236,17 +288,19 @@ endpoint() ->
 %%% Optional callbacks and tools
 %%% ------------------------------------------------------------------------------------
 
+%% Any name macula can connect to: `Port@Host' or `Name@Host'.
 -spec is_node_name(term()) -> boolean().
 is_node_name(Node) ->
-    splitname(Node) =/= false.
+    element(1, macula_dist_name:parse(Node)) =:= ok.
 
 %% @doc `{Port, Host}' of a macula node name, `false' for anything else.
 -spec splitname(term()) -> {inet:port_number(), string()} | false.
 splitname(Node) ->
     macula_dist_name:split(Node).
 
-%% Options net_kernel:setopts(new, Opts) stores for new connections. QUIC never delays
-%% small packets, so `nodelay' is accepted whatever its value.
+%% Options net_kernel:setopts(new, Opts) stores for new connections (in the kernel
+%% parameters with_new_connection_opts/2 reads). QUIC never delays small packets, so
+%% `nodelay' is accepted whatever its value and only reported back by getopts.
 -spec setopts(macula_dist_nif:endpoint(), [{atom(), term()}]) -> ok | {error, term()}.
 setopts(_Endpoint, Opts) ->
     macula_dist_ctrl:check_opts(Opts).

@@ -17,13 +17,29 @@
 %%% the node it connects to, before it proves anything; the acceptor for the name in the
 %%% "A" message, before it checks the proof. (macula_dist then holds the dist_util
 %%% handshake to that same name.)
+%%%
+%%% Any well-formed node name may authenticate (macula_dist_name): `Port@Host' nodes,
+%%% `Name@Host' nodes and client-only ones, such as OTP's dynamic `undefined@Host',
+%%% which then asks net_kernel for a name in dist_util's handshake. A refusal tells
+%%% the peer why in its QUIC close code: 3 for a name this node does not accept
+%%% (checked before the proof, so it says nothing about the cookie), 2 for a wrong
+%%% proof or certificate; the reason phrase says more. No atom is made for a peer
+%%% before its proof holds.
 -module(macula_dist_auth).
 
 -export([initiate/3, respond/2, bind_name/3]).
 
 -include_lib("kernel/include/logger.hrl").
+-include_lib("kernel/include/dist.hrl").
 
 -define(PROOF_LEN, 32).
+
+%% QUIC close codes of a refusal (macula_quic close_code).
+-define(NOT_AUTHENTICATED, 2).
+-define(BAD_NODE_NAME, 3).
+
+%% After the NIF reports the connection closed, the controller forwards the reason.
+-define(CLOSE_REASON_WAIT, 1000).
 
 %% @doc Proves the cookie to the node we connect to, then checks its answer.
 -spec initiate(macula_dist_nif:conn(), node(), node()) -> ok | {error, term()}.
@@ -34,14 +50,38 @@ initiate(Conn, MyNode, Node) ->
                        ok = unwrap(check_certificate_name(Conn, Node)),
                        Proof = unwrap(macula_dist_nif:auth_proof(Conn, Cookie, initiator, Name)),
                        ok = unwrap(macula_dist_nif:send_handshake(Conn, [$A, <<(byte_size(Name)):16>>, Name, Proof])),
-                       case unwrap(macula_dist_ctrl:recv_message(Conn)) of
+                       case unwrap(recv_answer(Conn)) of
                            <<$a, Answer:?PROOF_LEN/binary>> ->
                                check(macula_dist_nif:auth_verify(Conn, Cookie, acceptor, Name, Answer));
                            Other ->
                                {error, {malformed_auth_reply, byte_size(Other)}}
                        end
                end,
-    outcome(Conn, {node, Node}, run(Exchange)).
+    case outcome(Conn, {node, Node}, run(Exchange)) of
+        {error, {peer_closed, Code, Phrase}} when Code =:= ?NOT_AUTHENTICATED; Code =:= ?BAD_NODE_NAME ->
+            refused_by_peer(Node, MyNode, Code, Phrase);
+        Other ->
+            Other
+    end.
+
+%% A refusal arrives as the connection's close; the controller forwards its reason.
+recv_answer(Conn) ->
+    case macula_dist_ctrl:recv_message(Conn) of
+        {error, closed} ->
+            receive {macula_closed, Reason} -> {error, Reason}
+            after ?CLOSE_REASON_WAIT -> {error, closed}
+            end;
+        Other ->
+            Other
+    end.
+
+refused_by_peer(Node, _MyNode, ?NOT_AUTHENTICATED, Phrase) ->
+    ?LOG_WARNING("macula_dist: ~ts refused this node's cookie proof (different cookie?): ~ts",
+                 [Node, Phrase]),
+    {error, {refused, cookie_proof, Phrase}};
+refused_by_peer(Node, MyNode, ?BAD_NODE_NAME, Phrase) ->
+    ?LOG_WARNING("macula_dist: ~ts refused this node's name ~ts: ~ts", [Node, MyNode, Phrase]),
+    {error, {refused, node_name, Phrase}}.
 
 %% @doc Checks the connecting node's proof and answers it. Returns the name the peer
 %% proved the cookie for.
@@ -65,10 +105,12 @@ respond(Conn, PeerAddr) ->
 bind_name(Recv, Name, PeerAddr) ->
     fun(Socket, Length, Timeout) ->
             case Recv(Socket, Length, Timeout) of
-                {ok, [$N, _, _, _, _, _, _, _, _, _, _, _, _, L1, L0 | Rest]} = Ok ->
+                {ok, [$N, F7, F6, F5, F4, F3, F2, F1, F0, _, _, _, _, L1, L0 | Rest]} = Ok ->
+                    <<Flags:64>> = <<F7, F6, F5, F4, F3, F2, F1, F0>>,
                     NameLen = L1 * 256 + L0,
-                    case NameLen =< length(Rest)
-                        andalso list_to_binary(lists:sublist(Rest, NameLen)) =:= Name of
+                    Sent = NameLen =< length(Rest)
+                        andalso list_to_binary(lists:sublist(Rest, NameLen)),
+                    case Sent =:= handshake_name(Name, Flags) of
                         true ->
                             Ok;
                         false ->
@@ -83,11 +125,21 @@ bind_name(Recv, Name, PeerAddr) ->
             end
     end.
 
+%% What a peer that authenticated as `Name' sends in dist_util's send_name: its name,
+%% or, for a dynamic name (`undefined@Host', flag NAME_ME), only its host.
+handshake_name(Name, Flags) when Flags band ?DFLAG_NAME_ME =/= 0 ->
+    case string:split(Name, <<"@">>) of
+        [<<"undefined">>, Host] -> Host;
+        _ -> not_dynamic
+    end;
+handshake_name(Name, _Flags) ->
+    Name.
+
 respond(Conn, Name, Proof) ->
-    case macula_dist_name:split(binary_to_list(Name)) of
-        false ->
-            {error, {bad_node_name, Name}};
-        _ ->
+    case macula_dist_name:parse(Name) of
+        {error, {bad_node_name, Why}} ->
+            {error, {bad_node_name, Name, Why}};
+        {ok, _} ->
             Cookie = cookie_for_name(Name),
             Checked = case check_certificate_name(Conn, Name) of
                           ok -> check(macula_dist_nif:auth_verify(Conn, Cookie, initiator, Name, Proof));
@@ -118,10 +170,8 @@ check_certificate_name(Conn, Node) ->
             end
     end.
 
-node_host(Node) when is_atom(Node) -> node_host(atom_to_list(Node));
-node_host(Node) when is_binary(Node) -> node_host(unicode:characters_to_list(Node));
 node_host(Node) ->
-    {_Port, Host} = macula_dist_name:split(Node),
+    {ok, Host} = macula_dist_name:host(Node),
     Host.
 
 run(Exchange) ->
@@ -142,7 +192,21 @@ outcome(Conn, Peer, {error, Why} = Error) ->
 
 refuse(Conn, Peer, Why) ->
     ?LOG_WARNING("macula_dist: refused ~ts: ~tp", [describe(Peer), Why]),
-    macula_dist_nif:refuse(Conn, unicode:characters_to_binary(io_lib:format("~tp", [Why]))).
+    {Kind, Phrase} = refusal(Why),
+    macula_dist_nif:refuse(Conn, Kind, unicode:characters_to_binary(Phrase)).
+
+%% The close code and reason phrase the refused peer gets: what it did wrong, never
+%% anything about this node's cookie.
+refusal({bad_node_name, _Name, Why}) ->
+    {bad_node_name, "bad node name: " ++ Why};
+refusal({Why, Name}) when is_binary(Name) ->
+    refusal(Why);
+refusal(wrong_cookie) ->
+    {not_authenticated, "wrong cookie"};
+refusal({certificate_does_not_cover_host, Host}) ->
+    {not_authenticated, io_lib:format("certificate does not cover host ~ts", [Host])};
+refusal(_Other) ->
+    {not_authenticated, "not authenticated"}.
 
 is_close_reason(Why) when is_atom(Why) -> lists:member(Why, [closed, connection_closed, net_tick_timeout]);
 is_close_reason({Tag, _}) -> lists:member(Tag, [protocol_violation, not_authenticated, transport_error]);

@@ -5,6 +5,7 @@
 %%% <ul>
 %%% <li>`-macula_dist_opt Key Value [Key Value ...]' (may be repeated);</li>
 %%% <li>`-macula_dist_optfile Path': a file of Erlang terms `{Key, Value}.'</li>
+%%% <li>`-macula_dist_port N', the same as `-macula_dist_opt port N'.</li>
 %%% </ul>
 %%% plus the kernel parameters `net_ticktime', `net_setuptime' and
 %%% `inet_dist_use_interface'. A bad option stops the node at boot with a message
@@ -47,7 +48,10 @@
          {certfile, undefined, file},
          {keyfile, undefined, file},
          {cacertfile, undefined, file},
-         {verify_name, false, boolean}]).
+         {verify_name, false, boolean},
+         %% Nodes named Name@Host (see macula_dist_discovery).
+         {port, undefined, {integer, 1, 65535}},
+         {address_book, undefined, address_book}]).
 
 -define(PKI_FILES, [certfile, keyfile, cacertfile]).
 
@@ -60,7 +64,7 @@ defaults() ->
 -spec load() -> {ok, config()} | {error, {option, atom() | string(), term()}}.
 load() ->
     try
-        Pairs = file_options() ++ argument_options(),
+        Pairs = file_options() ++ argument_options() ++ port_argument(),
         parse(Pairs)
     catch
         throw:{bad_option, Error} -> {error, Error}
@@ -130,6 +134,12 @@ check(Key, file, Value) ->
     case io_lib:printable_unicode_list(Path) of
         true when Path =/= "" -> check_readable(Key, Path);
         _ -> bad(Key, {not_a_file_name, Value})
+    end;
+check(Key, address_book, Value) ->
+    Path = check(Key, file, Value),
+    case macula_dist_book:load(Path) of
+        {ok, _Book} -> Path;
+        {error, Why} -> bad(Key, {Path, Why})
     end.
 
 %% Reads the file once, so a missing, unreadable or directory path is reported here
@@ -168,6 +178,15 @@ bad(Key, Why) ->
 argument_options() ->
     case init:get_argument(macula_dist_opt) of
         {ok, Lists} -> lists:append([pairs(List) || List <- Lists]);
+        error -> []
+    end.
+
+%% The original project's vm.args option.
+port_argument() ->
+    case init:get_argument(macula_dist_port) of
+        {ok, [[Port]]} -> [{port, Port}];
+        {ok, [Values]} -> bad(macula_dist_port, {expected_one_port, Values});
+        {ok, Given} -> bad(macula_dist_port, {given_more_than_once, Given});
         error -> []
     end.
 

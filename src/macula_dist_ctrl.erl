@@ -30,9 +30,6 @@
 -include_lib("kernel/include/dist_util.hrl").
 -include_lib("kernel/include/logger.hrl").
 
-%% QUIC close code of a peer that refused our cookie proof (macula_quic close_code).
--define(NOT_AUTHENTICATED, 2).
-
 %% Off-heap mailboxes and eager full sweeps keep large binaries from lingering in
 %% long-lived connection processes (as gen_tcp_dist does).
 -define(PROCESS_OPTS, [{message_queue_data, off_heap}, {fullsweep_after, 0}]).
@@ -170,12 +167,12 @@ getstat(Conn) ->
     {ok, Received, Sent, Pending}.
 
 net_address(Conn, Node) ->
-    case macula_dist_name:split(Node) of
-        {_Port, Host} ->
+    case macula_dist_name:host(Node) of
+        {ok, Host} ->
             #{peer := {Ip, _} = Peer} = macula_dist_nif:info(Conn),
             #net_address{address = Peer, host = Host, protocol = quic,
                          family = case tuple_size(Ip) of 4 -> inet; 8 -> inet6 end};
-        false ->
+        {error, _} ->
             ?shutdown(Node)
     end.
 
@@ -212,11 +209,9 @@ handshaking(S) ->
             process_flag(priority, normal),
             ok = erlang:dist_ctrl_get_data_notification(DHandle),
             loop(S1);
-        {macula_closed, {peer_closed, ?NOT_AUTHENTICATED, _} = Reason} ->
-            ?LOG_WARNING("macula_dist: the peer refused this node's cookie proof (different cookie?)"),
-            exit(Reason);
         {macula_closed, Reason} ->
-            %% The owner decides: in f_recv it fails the handshake, but after a `nok'
+            %% The owner decides: a refusal of its cookie proof or name is reported by
+            %% macula_dist_auth; in f_recv it fails the handshake, but after a `nok'
             %% status dist_util waits to be killed by net_kernel (simultaneous connect),
             %% and dying now would turn the winning connection into a failed connect.
             S#ctrl.owner ! {macula_closed, Reason},

@@ -19,7 +19,7 @@
 -export([load/0]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
 -export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
-         peer_cert_covers/2, refuse/2, activate/2, ack_data/2, send_data/2, send_unrouted/2,
+         peer_cert_covers/2, refuse/3, activate/2, ack_data/2, send_data/2, send_unrouted/2,
          tick/1, stats/1, close/1, info/1]).
 -export([set_priority/3]).
 
@@ -126,9 +126,10 @@ auth_verify(_Conn, _Cookie, _Role, _NodeName, _Proof) -> ?NOT_LOADED.
           boolean() | {error, no_peer_certificate | {tls, binary()}}.
 peer_cert_covers(_Conn, _Host) -> ?NOT_LOADED.
 
-%% Closes a connection whose peer failed to authenticate; it sees close code 2.
--spec refuse(conn(), binary()) -> ok.
-refuse(_Conn, _Why) -> ?NOT_LOADED.
+%% Closes a connection whose peer failed to authenticate; it sees close code 2
+%% (`not_authenticated') or 3 (`bad_node_name') and the reason phrase `Why'.
+-spec refuse(conn(), not_authenticated | bad_node_name, binary()) -> ok.
+refuse(_Conn, _Kind, _Why) -> ?NOT_LOADED.
 
 -spec activate(conn(), pid()) -> ok | {error, closed}.
 activate(_Conn, _InputHandler) -> ?NOT_LOADED.

@@ -25,6 +25,7 @@ rustler::atoms! {
     peer_closed,
     protocol_violation,
     not_authenticated,
+    bad_node_name,
     transport_error,
     // Error kinds.
     bind,

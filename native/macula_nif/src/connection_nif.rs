@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use macula_quic::auth::Role;
-use macula_quic::{ConnError, Connection, SendStatus};
+use macula_quic::{ConnError, Connection, Refusal, SendStatus};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::events::{self, send, ErlangEvents};
@@ -175,11 +175,19 @@ fn auth_verify<'a>(
     })
 }
 
-/// Closes a connection whose peer did not authenticate (QUIC close code 2).
+/// Closes a connection whose peer did not authenticate: close code 2 for
+/// `not_authenticated`, 3 for `bad_node_name`; `why` is the reason phrase it sees.
 #[rustler::nif]
-fn refuse(conn: Conn, why: String) -> rustler::Atom {
-    conn.conn.refuse(&why);
-    atoms::ok()
+fn refuse(conn: Conn, kind: rustler::Atom, why: String) -> NifResult<rustler::Atom> {
+    let refusal = if kind == atoms::not_authenticated() {
+        Refusal::NotAuthenticated
+    } else if kind == atoms::bad_node_name() {
+        Refusal::BadNodeName
+    } else {
+        return Err(rustler::Error::BadArg);
+    };
+    conn.conn.refuse(refusal, &why);
+    Ok(atoms::ok())
 }
 
 /// Queues a tick on the control stream.

@@ -38,6 +38,17 @@ use crate::routing::Class;
 use crate::settings::Settings;
 use crate::wire::{close_code, stream_kind, urgency};
 
+/// Why a connection is refused before its peer authenticated. Each has its own close
+/// code, so the refused peer can tell a wrong cookie from a rejected name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    NotAuthenticated,
+    BadNodeName,
+}
+
+/// A refusal's reason phrase is cut to this many bytes: it must fit in one packet.
+const MAX_REFUSAL_PHRASE: usize = 200;
+
 /// Where a connection's events go. Implemented by the NIF (Erlang messages) and by tests.
 pub trait Events: Send + Sync + 'static {
     /// Buffer type decoded data packets are assembled in.
@@ -281,9 +292,18 @@ impl<E: Events> Connection<E> {
         Ok(valid)
     }
 
-    /// Closes the connection because the peer did not authenticate.
-    pub fn refuse(&self, why: &str) {
-        self.close_with(CloseReason::NotAuthenticated(why.into()), close_code::NOT_AUTHENTICATED, b"not authenticated");
+    /// Closes the connection because the peer did not authenticate; `why` is the
+    /// reason phrase the peer sees (cut to [`MAX_REFUSAL_PHRASE`] bytes).
+    pub fn refuse(&self, refusal: Refusal, why: &str) {
+        let code = match refusal {
+            Refusal::NotAuthenticated => close_code::NOT_AUTHENTICATED,
+            Refusal::BadNodeName => close_code::BAD_NODE_NAME,
+        };
+        let mut end = why.len().min(MAX_REFUSAL_PHRASE);
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.close_with(CloseReason::NotAuthenticated(why.into()), code, &why.as_bytes()[..end]);
     }
 
     fn exporter(&self) -> Result<[u8; PROOF_LEN], ConnError> {

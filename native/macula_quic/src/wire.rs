@@ -19,6 +19,8 @@ pub mod close_code {
     pub const PROTOCOL_VIOLATION: u32 = 1;
     /// The peer did not prove it knows the cookie.
     pub const NOT_AUTHENTICATED: u32 = 2;
+    /// The peer's node name is not one this node accepts (checked before its proof).
+    pub const BAD_NODE_NAME: u32 = 3;
 }
 
 /// QUIC send priorities (higher goes first). Ticks and the handshake must never wait
