@@ -110,9 +110,9 @@ resolve(Host) ->
 family(Ip) when tuple_size(Ip) =:= 4 -> inet;
 family(Ip) when tuple_size(Ip) =:= 8 -> inet6.
 
-%% The logger is not running yet when listen/2 fails at boot; stderr is.
+%% The logger is not running yet when listen/2 fails at boot; stderr is. One line.
 report_boot_error(What, Reason) ->
-    Text = io_lib:format("macula_dist: cannot ~ts: ~tp~n", [What, Reason]),
+    Text = io_lib:format("macula_dist: cannot ~ts: ~ts~n", [What, io_lib:print(Reason, 1, 1 bsl 20, -1)]),
     catch erlang:display_string(lists:flatten(Text)),
     ok.
 

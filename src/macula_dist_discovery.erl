@@ -174,7 +174,11 @@ host_ip(Host) ->
         {error, _} = Error -> Error
     end.
 
+%% On this node's own host the same port is this node itself.
 from_same_port(_Host, #{same_port := undefined}) ->
     {skip, {same_port, this_node_has_no_fixed_port}};
 from_same_port(Host, #{same_port := Port}) ->
-    {ok, {Host, Port}}.
+    case macula_dist_name:host(node()) of
+        {ok, Host} -> {skip, {same_port, same_host_as_this_node}};
+        _ -> {ok, {Host, Port}}
+    end.
