@@ -288,10 +288,15 @@ endpoint() ->
 %%% Optional callbacks and tools
 %%% ------------------------------------------------------------------------------------
 
-%% Any name macula can connect to: `Port@Host' or `Name@Host'.
+%% Any name macula can connect to: `Port@Host' or `Name@Host' (not `nonode@nohost',
+%% the name of a node that is not distributed).
 -spec is_node_name(term()) -> boolean().
-is_node_name(Node) ->
-    element(1, macula_dist_name:parse(Node)) =:= ok.
+is_node_name(nonode@nohost) ->
+    false;
+is_node_name(Node) when is_atom(Node) ->
+    element(1, macula_dist_name:parse(Node)) =:= ok;
+is_node_name(_) ->
+    false.
 
 %% @doc `{Port, Host}' of a macula node name, `false' for anything else.
 -spec splitname(term()) -> {inet:port_number(), string()} | false.

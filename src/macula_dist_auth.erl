@@ -135,6 +135,9 @@ handshake_name(Name, Flags) when Flags band ?DFLAG_NAME_ME =/= 0 ->
 handshake_name(Name, _Flags) ->
     Name.
 
+%% Atoms hold at most 255 characters: a longer name can never be a node's.
+respond(_Conn, Name, _Proof) when byte_size(Name) > 255 ->
+    {error, {bad_node_name, Name, "longer than 255 bytes"}};
 respond(Conn, Name, Proof) ->
     case macula_dist_name:parse(Name) of
         {error, {bad_node_name, Why}} ->

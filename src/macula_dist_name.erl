@@ -19,16 +19,15 @@
 
 -type parsed() :: {port, inet:port_number(), string()} | {named, string(), string()}.
 
-%% Atoms hold at most 255 characters; a longer name could never be a node.
--define(MAX_NODE_NAME, 255).
-
 %% @doc `{Port, Host}' for a `Port@Host' name, `false' for anything else.
--spec split(node() | string() | binary()) -> {inet:port_number(), string()} | false.
-split(Node) ->
+-spec split(node() | string()) -> {inet:port_number(), string()} | false.
+split(Node) when is_atom(Node); is_list(Node) ->
     case parse(Node) of
         {ok, {port, Port, Host}} -> {Port, Host};
         _ -> false
-    end.
+    end;
+split(_) ->
+    false.
 
 %% @doc What kind of node name `Node' is, or why it is none.
 -spec parse(node() | string() | binary()) ->
@@ -40,8 +39,6 @@ parse(Node) when is_binary(Node) ->
         List when is_list(List) -> parse(List);
         _ -> {error, {bad_node_name, "not UTF-8"}}
     end;
-parse(Node) when is_list(Node), length(Node) > ?MAX_NODE_NAME ->
-    {error, {bad_node_name, "longer than 255 characters"}};
 parse(Node) when is_list(Node) ->
     case string:split(Node, "@", all) of
         [Name, Host] ->
@@ -56,11 +53,17 @@ parse(Node) when is_list(Node) ->
 parse(_) ->
     {error, {bad_node_name, "not a node name"}}.
 
-%% The characters net_kernel allows in the name part of a node name it starts.
+%% The characters net_kernel allows in the name part of a node name it starts. A name
+%% of digits only that is no port (`0', `080', `70000') is a mistake, not a name.
 named(Name, Host) ->
     case Name =/= "" andalso lists:all(fun is_name_char/1, Name) of
-        true -> {ok, {named, Name, Host}};
-        false -> {error, {bad_node_name, "name part may only have letters, digits, '_' and '-'"}}
+        true ->
+            case lists:all(fun is_digit/1, Name) of
+                true -> {error, {bad_node_name, "name part is digits but no UDP port (1..65535, no leading zero)"}};
+                false -> {ok, {named, Name, Host}}
+            end;
+        false ->
+            {error, {bad_node_name, "name part may only have letters, digits, '_' and '-'"}}
     end.
 
 %% @doc The host part of any macula node name.
