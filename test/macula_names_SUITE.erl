@@ -150,8 +150,8 @@ same_port_cluster(Config) ->
 %% (`net_kernel:start([undefined@127.0.0.1, longnames])' and `[undefined,
 %% shortnames]' with -dist_listen false, `-name undefined@127.0.0.1' as relx's
 %% remote shell starts) get a name from the node they connect to; relx/nodetool and
-%% mix helper names (`maint...-5380', `rpc-...-5325', hidden) connect from free
-%% ports. Nobody can connect back to them.
+%% mix helper names (`maint...-5380', `rpc-...-5325', hidden) and a static name with
+%% -dist_listen false connect from free ports. Nobody can connect back to them.
 client_only_names(Config) ->
     Port = ?config(base_port, Config),
     Server = start(integer_to_list(Port), "127.0.0.1", []),
@@ -161,15 +161,17 @@ client_only_names(Config) ->
                  fun() -> dynamic_client(["-dist_listen", "false"], [undefined, shortnames]) end,
                  fun() -> start("undefined", "127.0.0.1", ["-dist_listen", "false"]) end,
                  fun() -> start("maint1a2b3c4d-5380", "127.0.0.1", ["-hidden"]) end,
-                 fun() -> start("rpc-8865-5325", "127.0.0.1", ["-hidden"]) end]),
+                 fun() -> start("rpc-8865-5325", "127.0.0.1", ["-hidden"]) end,
+                 fun() -> start("static-client", "127.0.0.1", ["-dist_listen", "false"]) end]),
     Named = [begin
                  ?assert(?P:call(Client, net_kernel, connect_node, [ServerNode])),
                  ?assertEqual(ServerNode, ?P:call(Client, erpc, call, [ServerNode, erlang, node, []])),
                  ?P:call(Client, erlang, node, [])
              end || Client <- Clients],
     ct:pal("client names: ~p", [Named]),
-    [Dyn1, Dyn2, Dyn3, Maint, Rpc] = Named,
-    ?assertEqual(['maint1a2b3c4d-5380@127.0.0.1', 'rpc-8865-5325@127.0.0.1'], [Maint, Rpc]),
+    [Dyn1, Dyn2, Dyn3, Maint, Rpc, Static] = Named,
+    ?assertEqual(['maint1a2b3c4d-5380@127.0.0.1', 'rpc-8865-5325@127.0.0.1', 'static-client@127.0.0.1'],
+                 [Maint, Rpc, Static]),
     %% Dynamic names are made by the server: random name part, the client's host.
     [{{match, _}, N} = {re:run(atom_to_list(N), "^[0-9A-Z]+@" ++ H ++ "$"), N}
      || {N, H} <- [{Dyn1, "127\\.0\\.0\\.1"}, {Dyn2, "[^.]+"}, {Dyn3, "127\\.0\\.0\\.1"}]],
