@@ -43,8 +43,9 @@ listen(Name) ->
     listen(Name, Host).
 
 %% Opens the node's UDP endpoint on the port its name gives (or, for other names, the
-%% one macula_dist_discovery picks). Creation -1 makes net_kernel pick a random
-%% creation, so each incarnation of a name differs.
+%% one macula_dist_discovery picks). The creation is EPMD's when the node registers
+%% there, else -1, which makes net_kernel pick a random one: either way each
+%% incarnation of a name differs.
 -spec listen(atom(), string()) -> {ok, {macula_dist_nif:endpoint(), #net_address{}, integer()}} | {error, term()}.
 listen(Name, Host) ->
     case open_endpoint(Name, Host) of
@@ -61,7 +62,7 @@ open_endpoint(Name, Host) ->
         Port = unwrap(macula_dist_discovery:listen_port(Name, Config)),
         {Ip, Family} = unwrap(resolve(Host)),
         {Endpoint, BoundPort} = unwrap(bind_endpoint(Family, Port, Config)),
-        case macula_dist_discovery:start(Name, BoundPort, Family, Config) of
+        case macula_dist_discovery:start({listen, Name}, BoundPort, Family, Config) of
             {ok, Creation} ->
                 {ok, Endpoint, #net_address{address = {Ip, BoundPort}, host = Host,
                                             protocol = ?PROTOCOL, family = Family},
@@ -204,12 +205,15 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
            end,
     dist_util:reset_timer(Timer),
     Ctrl = macula_dist_ctrl:start_linked(Conn),
+    %% A call to the controller, so it owns the connection's events before the cookie
+    %% proof goes out: a refusal's close reason then reaches this process through it,
+    %% instead of the controller dying of a connection closed under it.
+    HSData0 = with_new_connection_opts(macula_dist_ctrl:hs_data(Ctrl, Conn),
+                                       inet_dist_connect_options),
     case macula_dist_auth:initiate(Conn, MyNode, Node) of
         ok -> ok;
         {error, AuthError} -> ?shutdown2(Node, {not_authenticated, AuthError})
     end,
-    HSData0 = with_new_connection_opts(macula_dist_ctrl:hs_data(Ctrl, Conn),
-                                       inet_dist_connect_options),
     HSData = HSData0#hs_data{
                kernel_pid = Kernel,
                other_node = Node,
@@ -267,7 +271,7 @@ open_client_endpoint(Family) ->
     Opened = case load() of
                  {ok, Config} ->
                      case bind_endpoint(Family, 0, Config) of
-                         {ok, {_Endpoint, Port}} -> macula_dist_discovery:start(client, Port, Family, Config);
+                         {ok, {_Endpoint, Port}} -> macula_dist_discovery:start(client_only, Port, Family, Config);
                          {error, _} = Error -> Error
                      end;
                  {error, _} = Error ->

@@ -5,6 +5,7 @@
 %%% <pre>
 %%%   initiator -> acceptor: "A", NameLen:16, InitiatorName, Proof:32   (role initiator)
 %%%   acceptor -> initiator: "a", Proof:32                               (role acceptor)
+%%%                      or: "x", CloseCode:8, Reason                        (refused)
 %%% </pre>
 %%% Each `Proof' is HMAC-SHA256 of the cookie over a TLS exporter value of this session,
 %%% the role and the initiator's node name. The acceptor checks first and answers only
@@ -21,10 +22,12 @@
 %%% Any well-formed node name may authenticate (macula_dist_name): `Port@Host' nodes,
 %%% `Name@Host' nodes and client-only ones, such as OTP's dynamic `undefined@Host',
 %%% which then asks net_kernel for a name in dist_util's handshake. A refusal tells
-%%% the peer why in its QUIC close code: 3 for a name this node does not accept
-%%% (checked before the proof, so it says nothing about the cookie), 2 for a wrong
-%%% proof or certificate; the reason phrase says more. No atom is made for a peer
-%%% before its proof holds.
+%%% the peer why, as an "x" message and then in its QUIC close code: 3 for a name this
+%%% node does not accept (checked before the proof, so it says nothing about the
+%%% cookie), 2 for a wrong proof or certificate; the reason phrase says more. The
+%%% message is stream data, which QUIC retransmits: a CONNECTION_CLOSE is sent once,
+%%% and if that datagram is lost the peer sees only a stateless reset. No atom is made
+%%% for a peer before its proof holds.
 -module(macula_dist_auth).
 
 -export([initiate/3, respond/2, bind_name/3]).
@@ -41,6 +44,10 @@
 %% After the NIF reports the connection closed, the controller forwards the reason.
 -define(CLOSE_REASON_WAIT, 1000).
 
+%% How long a refusing acceptor waits for the peer to read its "x" message and close,
+%% before it closes the connection itself.
+-define(REFUSAL_LINGER, 500).
+
 %% @doc Proves the cookie to the node we connect to, then checks its answer.
 -spec initiate(macula_dist_nif:conn(), node(), node()) -> ok | {error, term()}.
 initiate(Conn, MyNode, Node) ->
@@ -53,12 +60,15 @@ initiate(Conn, MyNode, Node) ->
                        case unwrap(recv_answer(Conn)) of
                            <<$a, Answer:?PROOF_LEN/binary>> ->
                                check(macula_dist_nif:auth_verify(Conn, Cookie, acceptor, Name, Answer));
+                           <<$x, Code, Phrase/binary>> ->
+                               {error, {refused_by_peer, Code, printable(Phrase)}};
                            Other ->
                                {error, {malformed_auth_reply, byte_size(Other)}}
                        end
                end,
     case outcome(Conn, {node, Node}, run(Exchange)) of
-        {error, {peer_closed, Code, Phrase}} when Code =:= ?NOT_AUTHENTICATED; Code =:= ?BAD_NODE_NAME ->
+        {error, {Tag, Code, Phrase}} when (Tag =:= peer_closed orelse Tag =:= refused_by_peer),
+                                          (Code =:= ?NOT_AUTHENTICATED orelse Code =:= ?BAD_NODE_NAME) ->
             refused_by_peer(Node, MyNode, Code, Phrase);
         Other ->
             Other
@@ -195,8 +205,36 @@ outcome(Conn, Peer, {error, Why} = Error) ->
 
 refuse(Conn, Peer, Why) ->
     ?LOG_WARNING("macula_dist: refused ~ts: ~tp", [describe(Peer), Why]),
-    {Kind, Phrase} = refusal(Why),
-    macula_dist_nif:refuse(Conn, Kind, unicode:characters_to_binary(Phrase)).
+    {Kind, Phrase0} = refusal(Why),
+    Phrase = unicode:characters_to_binary(Phrase0),
+    case Peer of
+        {address, _} -> tell_refused(Conn, Kind, Phrase);
+        {node, _} -> ok
+    end,
+    macula_dist_nif:refuse(Conn, Kind, Phrase).
+
+%% The acceptor tells the peer in-band first (see the module doc) and gives it a moment
+%% to read that and close; the controller forwards the close.
+tell_refused(Conn, Kind, Phrase) ->
+    case macula_dist_nif:send_handshake(Conn, [$x, close_code(Kind), Phrase]) of
+        ok ->
+            receive {macula_closed, _} -> ok
+            after ?REFUSAL_LINGER -> ok
+            end;
+        {error, _} ->
+            ok
+    end.
+
+%% A peer's reason phrase is logged: only printable text, and not much of it.
+printable(Phrase) ->
+    Text = unicode:characters_to_list(binary:part(Phrase, 0, min(byte_size(Phrase), 200))),
+    case is_list(Text) andalso io_lib:printable_unicode_list(Text) of
+        true -> unicode:characters_to_binary(Text);
+        false -> <<"(unprintable reason)">>
+    end.
+
+close_code(not_authenticated) -> ?NOT_AUTHENTICATED;
+close_code(bad_node_name) -> ?BAD_NODE_NAME.
 
 %% The close code and reason phrase the refused peer gets: what it did wrong, never
 %% anything about this node's cookie.
@@ -214,6 +252,7 @@ refusal(_Other) ->
 is_close_reason(Why) when is_atom(Why) -> lists:member(Why, [closed, connection_closed, net_tick_timeout]);
 is_close_reason({Tag, _}) -> lists:member(Tag, [protocol_violation, not_authenticated, transport_error]);
 is_close_reason({peer_closed, _, _}) -> true;
+is_close_reason({refused_by_peer, _, _}) -> true;  % it closes; we only stop
 is_close_reason(_) -> false.
 
 describe({node, Node}) ->

@@ -49,20 +49,21 @@ listen_port(Name, Config) ->
             end
     end.
 
-%% @doc Remembers what locate/2 needs and, if this node uses EPMD and listens,
-%% registers `Name' with its port there. Returns the creation to give net_kernel.
--spec start(atom() | client, inet:port_number(), inet | inet6, macula_dist_config:config()) ->
-          {ok, integer()} | {error, term()}.
-start(Name, Port, Family, Config) ->
+%% @doc Remembers what locate/2 needs and, if this node uses EPMD and listens as
+%% `{listen, Name}', registers `Name' with its port there. Returns the creation to give
+%% net_kernel (EPMD's, or -1: net_kernel picks one).
+-spec start({listen, atom()} | client_only, inet:port_number(), inet | inet6,
+            macula_dist_config:config()) -> {ok, integer()} | {error, term()}.
+start(Role, Port, Family, Config) ->
     case load_book(Config) of
         {ok, Book} ->
-            FixedPort = case {Name, maps:get(port, Config)} of
-                            {client, _} -> undefined;
-                            {_, undefined} -> fixed_name_port(Name);
+            FixedPort = case {Role, maps:get(port, Config)} of
+                            {client_only, _} -> undefined;
+                            {{listen, Name}, undefined} -> fixed_name_port(Name);
                             {_, Option} -> Option
                         end,
             persistent_term:put(?STATE, #{book => Book, same_port => FixedPort}),
-            register_node(Name, Port, Family, FixedPort);
+            register_node(Role, Port, Family, FixedPort);
         {error, _} = Error ->
             Error
     end.
@@ -81,9 +82,9 @@ load_book(Config) ->
 
 %% A node on a free port must be registered, or nobody finds it; one on a fixed port
 %% is still found by the book or the same-port rule if EPMD cannot be reached.
-register_node(client, _Port, _Family, _FixedPort) ->
+register_node(client_only, _Port, _Family, _FixedPort) ->
     {ok, -1};
-register_node(Name, Port, Family, FixedPort) ->
+register_node({listen, Name}, Port, Family, FixedPort) ->
     case epmd_in_use() of
         false ->
             {ok, -1};
