@@ -80,8 +80,9 @@ load_book(Config) ->
         Path -> macula_dist_book:load(Path)
     end.
 
-%% A node on a free port must be registered, or nobody finds it; one on a fixed port
-%% is still found by the book or the same-port rule if EPMD cannot be reached.
+%% A visible node on a free port must be registered, or nobody finds it; one on a
+%% fixed port is still found by the book or the same-port rule if EPMD cannot be
+%% reached, and a hidden helper node only connects out anyway.
 register_node(client_only, _Port, _Family, _FixedPort) ->
     {ok, -1};
 register_node({listen, Name}, Port, Family, FixedPort) ->
@@ -94,8 +95,11 @@ register_node({listen, Name}, Port, Family, FixedPort) ->
                 {ok, Creation} when is_integer(Creation), Creation > 0 -> {ok, Creation};
                 {ok, _} -> {ok, -1};
                 {error, duplicate_name} = Duplicate -> Duplicate;
-                Other when FixedPort =:= undefined -> {error, {epmd_register, Other}};
-                _Other -> {ok, -1}
+                Other ->
+                    case FixedPort =:= undefined andalso not is_hidden() of
+                        true -> {error, {epmd_register, Other}};
+                        false -> {ok, -1}
+                    end
             end
     end.
 
