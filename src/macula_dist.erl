@@ -94,7 +94,6 @@ bind_endpoint(Family, Port, Config) ->
             Error
     end.
 
-unwrap(ok) -> ok;
 unwrap({ok, Value}) -> Value;
 unwrap({error, Reason}) -> throw({?MODULE, Reason}).
 
