@@ -18,7 +18,7 @@
 %% Optional callbacks and tools
 -export([is_node_name/1, splitname/1, setopts/2, getopts/2]).
 %% Operations on a running node
--export([connection_info/1, rebind/2, option/1, prioritize/1, prioritize/2]).
+-export([info/0, info/1, connection_info/1, rebind/2, option/1, prioritize/1, prioritize/2]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("kernel/include/dist.hrl").
@@ -142,9 +142,8 @@ acceptor_loop(Kernel, Family) ->
                     exit(Ctrl, kill),
                     exit(unsupported_protocol)
             end;
-        {macula_refused, {Ip, Port}, Why} ->
-            ?LOG_WARNING("macula_dist: refused connection from ~ts: ~ts",
-                         [inet:ntoa(Ip) ++ ":" ++ integer_to_list(Port), Why])
+        {macula_refused, PeerAddr, Why} ->
+            macula_dist_events:refused(undefined, PeerAddr, Why)
     end,
     acceptor_loop(Kernel, Family).
 
@@ -197,7 +196,7 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
                {macula_connect, {ok, C}} -> C;
                {macula_connect, {error, {tls, _} = Why}} ->
                    %% Certificates refused (PKI mode), by either side: say so.
-                   ?LOG_WARNING("macula_dist: refused connection to ~ts: ~tp", [Node, Why]),
+                   macula_dist_events:refused(Node, undefined, Why),
                    ?shutdown2(Node, Why);
                {macula_connect, {error, Why}} ->
                    ?shutdown2(Node, Why)
@@ -321,14 +320,26 @@ getopts(_Endpoint, Opts) ->
 %%% Operations on a running node
 %%% ------------------------------------------------------------------------------------
 
-%% @doc Facts about the connection to `Node': peer address, TLS version, cipher suite,
-%% round-trip time, path MTU, lost packets.
--spec connection_info(node()) -> {ok, map()} | {error, not_connected}.
-connection_info(Node) ->
+%% @doc Facts about every macula connection of this node, by peer node (the keys are
+%% those of info/1).
+-spec info() -> #{node() => map()}.
+info() ->
+    maps:from_list([{Node, Info} || {Node, Ctrl} <- erlang:system_info(dist_ctrl), is_pid(Ctrl),
+                                    {ok, Info} <- [macula_dist_ctrl:info(Ctrl)]]).
+
+%% @doc Facts about the connection to `Node': addresses, TLS, round-trip time,
+%% congestion window, traffic counters, uptime (README, "Operations").
+-spec info(node()) -> {ok, map()} | {error, not_connected}.
+info(Node) ->
     case lists:keyfind(Node, 1, erlang:system_info(dist_ctrl)) of
         {Node, Ctrl} when is_pid(Ctrl) -> macula_dist_ctrl:info(Ctrl);
         _ -> {error, not_connected}
     end.
+
+%% @doc The same as info/1 (its name in version 0.1.0).
+-spec connection_info(node()) -> {ok, map()} | {error, not_connected}.
+connection_info(Node) ->
+    info(Node).
 
 %% @doc The value of option `Key' (see macula_dist_config) of the running endpoint.
 -spec option(atom()) -> term().

@@ -124,11 +124,9 @@ bind_name(Recv, Name, PeerAddr) ->
                         true ->
                             Ok;
                         false ->
-                            {Ip, Port} = PeerAddr,
-                            ?LOG_WARNING("macula_dist: refused connection from ~ts:~b: "
-                                         "authenticated as ~ts, handshake names another node",
-                                         [inet:ntoa(Ip), Port, Name]),
-                            {error, {node_name_differs_from_authenticated, Name}}
+                            Why = {node_name_differs_from_authenticated, Name},
+                            macula_dist_events:refused(Name, PeerAddr, Why),
+                            {error, Why}
                     end;
                 Other ->
                     Other
@@ -204,7 +202,10 @@ outcome(Conn, Peer, {error, Why} = Error) ->
     end.
 
 refuse(Conn, Peer, Why) ->
-    ?LOG_WARNING("macula_dist: refused ~ts: ~tp", [describe(Peer), Why]),
+    case Peer of
+        {node, Node} -> macula_dist_events:refused(Node, peer_address(Conn), Why);
+        {address, Address} -> macula_dist_events:refused(claimed_name(Why), Address, Why)
+    end,
     {Kind, Phrase0} = refusal(Why),
     Phrase = unicode:characters_to_binary(Phrase0),
     case Peer of
@@ -255,10 +256,12 @@ is_close_reason({peer_closed, _, _}) -> true;
 is_close_reason({refused_by_peer, _, _}) -> true;  % it closes; we only stop
 is_close_reason(_) -> false.
 
-describe({node, Node}) ->
-    io_lib:format("connection to ~ts", [Node]);
-describe({address, {Ip, Port}}) ->
-    io_lib:format("connection from ~ts:~b", [inet:ntoa(Ip), Port]).
+peer_address(Conn) ->
+    maps:get(peer, macula_dist_nif:info(Conn)).
+
+%% The name an incoming peer claimed, as the refusal reason carries it.
+claimed_name({_Why, Name}) when is_binary(Name) -> Name;
+claimed_name(_Why) -> undefined.
 
 unwrap(ok) -> ok;
 unwrap({ok, Value}) -> Value;

@@ -53,6 +53,7 @@
                %% The raw-packet request whose packet filled the NIF's queue: answered
                %% once the queue is writable again (see inject/4).
                held_reply :: {pid(), reference()} | undefined,
+               up_since :: integer() | undefined,
                opts = #{} :: #{nodelay => boolean()}}).
 
 %%% ------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ hs_data(Ctrl, Conn) ->
              f_setopts_post_nodeup = fun(_Ctrl) -> ok end,
              f_getll = fun(C) -> {ok, C} end,
              f_address = fun(_Ctrl, Node) -> net_address(Conn, Node) end,
-             f_handshake_complete = fun(C, _Node, DHandle) -> call(C, {handshake_complete, DHandle}) end,
+             f_handshake_complete = fun(C, Node, DHandle) -> call(C, {handshake_complete, Node, DHandle}) end,
              mf_tick = fun(_Ctrl) -> macula_dist_nif:tick(Conn) end,
              mf_getstat = fun(_Ctrl) -> getstat(Conn) end,
              mf_setopts = fun(C, Opts) -> call(C, {setopts, Opts}) end,
@@ -187,6 +188,16 @@ call(Ctrl, Request) ->
             exit(Reason)
     end.
 
+%% What the NIF knows (addresses, TLS, path, QUIC counters) and what the VM counts:
+%% `dist_in'/`dist_out' are erlang:dist_get_stat/1's packets put into and taken out of
+%% the VM for this connection.
+connection_info(#ctrl{conn = Conn, dhandle = undefined, busy = Busy}) ->
+    (macula_dist_nif:info(Conn))#{send_blocked => Busy};
+connection_info(#ctrl{conn = Conn, dhandle = DHandle, up_since = Since, busy = Busy}) ->
+    {ok, In, Out, _Pending} = erlang:dist_get_stat(DHandle),
+    (macula_dist_nif:info(Conn))#{uptime_ms => erlang:monotonic_time(millisecond) - Since,
+                                  dist_in => In, dist_out => Out, send_blocked => Busy}.
+
 %% @doc Information about the connection `Ctrl' controls.
 -spec info(pid()) -> {ok, map()} | {error, not_connected}.
 info(Ctrl) ->
@@ -202,8 +213,9 @@ info(Ctrl) ->
 
 handshaking(S) ->
     receive
-        {From, Ref, {handshake_complete, DHandle}} ->
+        {From, Ref, {handshake_complete, Node, DHandle}} ->
             S1 = complete_handshake(S, DHandle),
+            announce_up(S1, Node),
             From ! {Ref, ok},
             %% Max priority was for the handshake; data runs at normal priority.
             process_flag(priority, normal),
@@ -229,7 +241,13 @@ complete_handshake(#ctrl{conn = Conn} = S, DHandle) ->
         ok -> ok;
         {error, closed} -> await_close()
     end,
-    S#ctrl{dhandle = DHandle}.
+    S#ctrl{dhandle = DHandle, up_since = erlang:monotonic_time(millisecond)}.
+
+%% The `up' event, and a watcher for the `down' one.
+announce_up(#ctrl{conn = Conn}, Node) ->
+    #{peer := Address, initiator := Initiator} = macula_dist_nif:info(Conn),
+    macula_dist_events:up(Node, Address, Initiator),
+    macula_dist_events:watch(self(), Node, Address).
 
 %% While the NIF's queue is full (busy) the controller neither drains nor takes raw
 %% packets: they stay in the mailbox, each sender blocked on its reply, so nothing
@@ -300,8 +318,8 @@ handle_common({From, Ref, {setopts, Opts}}, S) ->
 handle_common({From, Ref, {getopts, Opts}}, S) ->
     From ! {Ref, get_opts(Opts, S#ctrl.opts)},
     S;
-handle_common({From, Ref, info}, #ctrl{conn = Conn, busy = Busy} = S) ->
-    From ! {Ref, (macula_dist_nif:info(Conn))#{send_blocked => Busy}},
+handle_common({From, Ref, info}, S) ->
+    From ! {Ref, connection_info(S)},
     S;
 handle_common(Stray, S) ->
     ?LOG_DEBUG("macula_dist: controller ~p dropped an unexpected message: ~0P",

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use macula_quic::auth::Role;
+use macula_quic::cert_subject;
 use macula_quic::{ConnError, Connection, Refusal, SendStatus};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
@@ -211,13 +212,21 @@ fn close(conn: Conn) -> rustler::Atom {
     atoms::ok()
 }
 
-/// Facts about the connection: addresses, TLS, path.
+/// Facts about the connection: addresses, TLS, path, traffic counters. One read of
+/// quinn's statistics, no waiting. (Per-stream facts belong here too, as a `streams`
+/// entry, once a connection has more than one data stream.)
 #[rustler::nif]
 fn info(env: Env, conn: Conn) -> NifResult<Term> {
     let c = &conn.conn;
     let quic = c.quic();
-    let path = quic.stats().path;
+    let stats = quic.stats();
+    let path = stats.path;
+    let frames = c.stats();
     let local = quic.local_ip().map(|ip| ip.to_string()).unwrap_or_default();
+    let subject = match macula_quic::tls::peer_certificate(quic).and_then(|cert| cert_subject::subject(&cert)) {
+        Some(subject) => terms::text(env, &subject),
+        None => atoms::undefined().encode(env),
+    };
     let pairs: Vec<(Term, Term)> = vec![
         (atoms::peer().encode(env), terms::encode_addr(env, c.remote_address())),
         (atoms::local().encode(env), terms::text(env, &local)),
@@ -225,11 +234,20 @@ fn info(env: Env, conn: Conn) -> NifResult<Term> {
         (atoms::tls_version().encode(env), terms::text(env, macula_quic::tls::TLS_VERSION)),
         (atoms::cipher_suite().encode(env), terms::text(env, macula_quic::tls::CIPHER_SUITE)),
         (atoms::alpn().encode(env), terms::bytes(env, macula_quic::wire::ALPN)),
+        (atoms::peer_subject().encode(env), subject),
         (atoms::rtt_us().encode(env), (quic.rtt().as_micros() as u64).encode(env)),
         (atoms::mtu().encode(env), path.current_mtu.encode(env)),
-        (atoms::lost_packets().encode(env), path.lost_packets.encode(env)),
-        (atoms::sent_packets().encode(env), path.sent_packets.encode(env)),
         (atoms::congestion_window().encode(env), path.cwnd.encode(env)),
+        (atoms::congestion_events().encode(env), path.congestion_events.encode(env)),
+        (atoms::sent_packets().encode(env), path.sent_packets.encode(env)),
+        (atoms::lost_packets().encode(env), path.lost_packets.encode(env)),
+        (atoms::lost_bytes().encode(env), path.lost_bytes.encode(env)),
+        (atoms::bytes_sent().encode(env), stats.udp_tx.bytes.encode(env)),
+        (atoms::bytes_received().encode(env), stats.udp_rx.bytes.encode(env)),
+        (atoms::datagrams_sent().encode(env), stats.udp_tx.datagrams.encode(env)),
+        (atoms::datagrams_received().encode(env), stats.udp_rx.datagrams.encode(env)),
+        (atoms::frames_sent().encode(env), frames.sent.encode(env)),
+        (atoms::frames_received().encode(env), frames.received.encode(env)),
         (atoms::initiator().encode(env), c.is_initiator().encode(env)),
         (atoms::data_streams().encode(env), data_streams(env, c.data_streams())),
         (atoms::send_queued().encode(env), c.stats().pending.encode(env)),

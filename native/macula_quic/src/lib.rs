@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod auth;
+pub mod cert_subject;
 pub mod connection;
 mod data_in;
 mod data_out;
