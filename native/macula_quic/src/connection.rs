@@ -116,7 +116,8 @@ pub enum ConnError {
 /// Counters for `dist_util`'s tick supervision (`mf_getstat`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// Reads from the peer (any stream, ticks included): moves while the peer is alive.
+    /// Frames received from the peer (distribution packets, handshake messages and
+    /// ticks): moves while the peer is alive.
     pub received: u64,
     /// Data packets queued plus ticks written.
     pub sent: u64,
@@ -425,10 +426,10 @@ impl<E: Events> Connection<E> {
                 Ok(None) => return self.close_after_peer_finished().await,
                 Err(_) => return,
             };
-            self.received.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = decoder.feed(&chunk, |f| frames.push(f)) {
                 return self.violation(format!("control stream: {e}"));
             }
+            self.received.fetch_add(frames.len() as u64, Ordering::Relaxed);
             for frame in frames.drain(..) {
                 let Frame::Packet(message) = frame else { continue };
                 if !self.file_handshake_frame(message).await {
@@ -571,13 +572,17 @@ impl<E: Events> Connection<E> {
                 Ok(None) => return self.violation("data stream finished by peer".into()),
                 Err(_) => return,
             };
-            self.received.fetch_add(1, Ordering::Relaxed);
+            let mut packets = 0u64;
             for chunk in &chunks[..n] {
                 batch.bytes += chunk.len();
-                if let Err(e) = decoder.feed(chunk, |f| batch.push(f)) {
+                if let Err(e) = decoder.feed(chunk, |f| {
+                    packets += 1;
+                    batch.push(f)
+                }) {
                     return self.violation(format!("data stream: {e}"));
                 }
             }
+            self.received.fetch_add(packets, Ordering::Relaxed);
         }
     }
 }
