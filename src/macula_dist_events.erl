@@ -5,7 +5,9 @@
 %%% `macula_event' (`up | down | refused'), `node' (the peer's node name, when known),
 %%% `address' (the peer's `{Ip, Port}') and, for `down' and `refused', `reason'. A
 %%% handler or filter can select them with `logger_filters:domain/2' on
-%%% `[macula_dist]'. Levels: `notice' for up and down, `warning' for refused.
+%%% `[macula_dist]'. Levels: `info' for up and down (shown with logger level info, so
+%%% the short-lived helper nodes of release scripts print nothing on their stdout),
+%%% `warning' for refused.
 -module(macula_dist_events).
 
 -export([up/3, watch/3, refused/3]).
@@ -19,7 +21,7 @@
 -spec up(node(), {inet:ip_address(), inet:port_number()}, boolean()) -> ok.
 up(Node, Address, Initiator) ->
     ensure_visible(),
-    ?LOG_NOTICE("macula_dist: connection ~ts ~ts (~ts) up",
+    ?LOG_INFO("macula_dist: connection ~ts ~ts (~ts) up",
                 [direction(Initiator), Node, format_address(Address)],
                 #{domain => ?DOMAIN, macula_event => up, node => Node, address => Address,
                   initiator => Initiator}).
@@ -39,7 +41,7 @@ watch(Ctrl, Node, Address) ->
 
 down(Node, Address, Reason) ->
     ensure_visible(),
-    ?LOG_NOTICE("macula_dist: connection with ~ts (~ts) down: ~tp",
+    ?LOG_INFO("macula_dist: connection with ~ts (~ts) down: ~tp",
                 [Node, format_address(Address), Reason],
                 #{domain => ?DOMAIN, macula_event => down, node => Node, address => Address,
                   reason => Reason}).

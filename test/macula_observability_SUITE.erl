@@ -105,7 +105,8 @@ dist_counters(Config) ->
 %% node, address and (refused, down) reason as metadata.
 log_events(Config) ->
     Base = ?config(base_port, Config),
-    [A, B] = ?P:parallel([fun() -> ?P:start(Base, []) end, fun() -> ?P:start(Base + 1, []) end]),
+    [A, B] = ?P:parallel([fun() -> ?P:start(Base, ["-kernel", "logger_level", "info"]) end,
+                          fun() -> ?P:start(Base + 1, []) end]),
     NodeB = ?P:node_of(B),
     ok = ?P:call(A, ?MODULE, capture_start, []),
     true = ?P:call(A, net_kernel, connect_node, [NodeB]),
@@ -116,7 +117,7 @@ log_events(Config) ->
     Events = ?P:call(A, ?MODULE, captured, []),
     ct:pal("events on A:~n~p", [Events]),
     [Up] = [E || #{meta := #{macula_event := up}} = E <- Events],
-    ?assertMatch(#{level := notice,
+    ?assertMatch(#{level := info,
                    meta := #{domain := [macula_dist], node := NodeB, initiator := true,
                              address := {{127, 0, 0, 1}, _}}}, Up),
     [Refused] = [E || #{meta := #{macula_event := refused}} = E <- Events],
@@ -126,7 +127,7 @@ log_events(Config) ->
                              address := {{127, 0, 0, 1}, _},
                              reason := {wrong_cookie, StrangerName}}}, Refused),
     [Down] = [E || #{meta := #{macula_event := down}} = E <- Events],
-    ?assertMatch(#{level := notice,
+    ?assertMatch(#{level := info,
                    meta := #{domain := [macula_dist], node := NodeB,
                              address := {{127, 0, 0, 1}, _}, reason := _}}, Down),
     ?assertEqual(3, length(Events)).

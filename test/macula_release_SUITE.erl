@@ -276,16 +276,24 @@ relx_eval(Config) ->
                                                  [NodeB])]),
     ?assertEqual("true", output(Traffic)).
 
-%% `remote_console' with its input from a pipe: the expression runs on the node (its
-%% node name and OS pid), the output comes back, and end of input ends the shell.
+%% `remote_console' on a terminal (test/macula_release_SUITE_data/on_a_terminal.py
+%% types as a person would): the expression runs on the node (its node name and OS
+%% pid), and leaving the shell leaves the node running.
 relx_remote_console(Config) ->
     {A, _B} = nodes_of(Config),
     Pid = os_pid(A, Config),
-    {0, Out} = cmd(A, ["remote_console"],
-                   "io:format(\"remsh:~s:~s~n\", [node(), os:getpid()]).\n"),
-    Expected = fmt("remsh:~ts:~b", [maps:get(node, A), Pid]),
-    ?assertNotEqual(nomatch, string:find(Out, Expected), Out),
+    {0, _} = on_a_terminal(A, Config, "remote_console",
+                           "io:format(\"remsh:~s:~s~n\", [node(), os:getpid()]).",
+                           fmt("remsh:~ts:~b", [maps:get(node, A), Pid])),
     ?assertEqual(Pid, os_pid(A, Config)).
+
+%% Runs `bin/APP Command' on a pseudo-terminal: waits for the shell prompt, types
+%% `Line', waits for `Answer' (a literal), leaves the shell with Ctrl-G q.
+on_a_terminal(N, Config, Command, Line, Answer) ->
+    Driver = filename:join(?config(data_dir, Config), "on_a_terminal.py"),
+    AnswerRe = re:replace(Answer, "[.^$*+?()\\[\\]{}|\\\\]", "\\\\&", [global, {return, list}]),
+    cmd(N#{script => "python3"}, [Driver, "60", "\\d+> ", AnswerRe, Line,
+                                  maps:get(script, N), Command]).
 
 %% `restart' restarts the node's applications in the same OS process.
 relx_restart(Config) ->
@@ -356,13 +364,14 @@ mix_pid(Config) ->
     {0, Out} = cmd(A, ["pid"]),
     ?assertEqual(os_pid(A, Config), list_to_integer(output(Out))).
 
-%% `remote' with its input from a pipe: the expression runs on the node.
+%% `remote' on a terminal: the expression runs on the node; leaving the shell leaves
+%% the node running.
 mix_remote(Config) ->
     {A, _B} = nodes_of(Config),
     Pid = os_pid(A, Config),
-    {0, Out} = cmd(A, ["remote"], "IO.puts(\"remote:#{node()}:#{System.pid()}\")\n"),
-    Expected = fmt("remote:~ts:~b", [maps:get(node, A), Pid]),
-    ?assertNotEqual(nomatch, string:find(Out, Expected), Out).
+    {0, _} = on_a_terminal(A, Config, "remote", "IO.puts(\"remote:#{node()}:#{System.pid()}\")",
+                           fmt("remote:~ts:~b", [maps:get(node, A), Pid])),
+    ?assertEqual(Pid, os_pid(A, Config)).
 
 mix_stop(Config) ->
     {A, B} = nodes_of(Config),
