@@ -110,7 +110,7 @@ build_mix(Work, Root, Rebar3, Mix) ->
     write(filename:join([Dir, "lib", "mixapp.ex"]), "defmodule Mixapp do\nend\n"),
     Dist = "-proto_dist macula\n-no_epmd\n-start_epmd false\n",
     write(filename:join([Dir, "rel", "vm.args.eex"]), Dist),
-    write(filename:join([Dir, "rel", "remote.vm.args.eex"]), Dist),
+    write(filename:join([Dir, "rel", "remote.vm.args.eex"]), [Dist, "-kernel logger_level warning\n"]),
     write(filename:join([Dir, "rel", "env.sh.eex"]),
           "export RELEASE_DISTRIBUTION=name\n"
           "export RELEASE_NODE=\"${RELEASE_NODE:-4433@127.0.0.1}\"\n"),
@@ -295,12 +295,20 @@ on_a_terminal(N, Config, Command, Line, Answer) ->
     cmd(N#{script => "python3"}, [Driver, "60", "\\d+> ", AnswerRe, Line,
                                   maps:get(script, N), Command]).
 
-%% `restart' restarts the node's applications in the same OS process.
+%% `restart' restarts the node's applications in the same OS process (net_kernel is a
+%% new process afterwards).
 relx_restart(Config) ->
     {_A, B} = nodes_of(Config),
     Pid = os_pid(B, Config),
+    {0, Kernel} = ask(B, Config, "erlang whereis [net_kernel]"),
     {0, _} = cmd(B, ["restart"]),
-    ok = wait_alive(B, Config),
+    ok = ?P:wait_until(fun() ->
+                               case ask(B, Config, "erlang whereis [net_kernel]") of
+                                   {0, Kernel} -> false;
+                                   {0, <<"<", _/binary>>} -> true;
+                                   _ -> false
+                               end
+                       end, 60000, 500),
     {0, Pong} = cmd(B, ["ping"]),
     ?assertEqual("pong", output(Pong)),
     ?assertEqual(Pid, os_pid(B, Config)).
