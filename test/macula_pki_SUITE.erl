@@ -70,6 +70,10 @@ right_certs_connect(Config) ->
     ?assertEqual(node_of(A), ?P:call(B, erpc, call, [node_of(A), erlang, node, []])),
     {ok, Info} = ?P:call(A, macula_dist, connection_info, [node_of(B)]),
     ?assertEqual(<<"TLSv1.3">>, maps:get(tls_version, Info)),
+    %% Each side sees the subject of the certificate the other presented.
+    ?assertEqual(<<"CN=b">>, maps:get(peer_subject, Info)),
+    {ok, InfoOnB} = ?P:call(B, macula_dist, info, [node_of(A)]),
+    ?assertEqual(<<"CN=a">>, maps:get(peer_subject, InfoOnB)),
     ok.
 
 %% A certificate from another CA is refused whichever side presents it.
