@@ -19,7 +19,7 @@
 
 -export([main/0, main/1]).
 %% Exported for the EUnit tests.
--export([parse_args/1, format/1, helper_name/1]).
+-export([parse_args/1, parse_apply/1, format/1, helper_name/1]).
 
 %% Seconds a connection attempt may take. Admin commands run next to the node, and
 %% relx's `daemon' and `stop' poll until the node answers (or stops answering), so
@@ -196,19 +196,15 @@ act(#call{node = Node, action = halt, timeout = Timeout}) ->
 
 %% "Mod Fun [Args]": Args, if any, is an Erlang list.
 parse_apply(Apply) ->
-    case string:lexemes(Apply, " ") of
-        [M, F | _] ->
-            ArgsText = string:trim(lists:nthtail(string:str(Apply, F) + length(F) - 1, Apply)),
-            case ArgsText of
-                "" ->
-                    {ok, list_to_atom(M), list_to_atom(F), []};
-                _ ->
-                    case parse_term(ArgsText) of
-                        {ok, Args} when is_list(Args) -> {ok, list_to_atom(M), list_to_atom(F), Args};
-                        _ -> {error, "the arguments of -a must be an Erlang list: " ++ ArgsText}
-                    end
+    case re:run(Apply, "^\\s*(\\S+)\\s+(\\S+)\\s*(.*)$", [{capture, all_but_first, list}, dotall, unicode]) of
+        {match, [M, F, ""]} ->
+            {ok, list_to_atom(M), list_to_atom(F), []};
+        {match, [M, F, ArgsText]} ->
+            case parse_term(ArgsText) of
+                {ok, Args} when is_list(Args) -> {ok, list_to_atom(M), list_to_atom(F), Args};
+                _ -> {error, "the arguments of -a must be an Erlang list: " ++ ArgsText}
             end;
-        _ ->
+        nomatch ->
             {error, "-a wants \"Mod Fun [Args]\", got: " ++ Apply}
     end.
 

@@ -194,9 +194,13 @@ call(Ctrl, Request) ->
 connection_info(#ctrl{conn = Conn, dhandle = undefined, busy = Busy}) ->
     (macula_dist_nif:info(Conn))#{send_blocked => Busy};
 connection_info(#ctrl{conn = Conn, dhandle = DHandle, up_since = Since, busy = Busy}) ->
-    {ok, In, Out, _Pending} = erlang:dist_get_stat(DHandle),
-    (macula_dist_nif:info(Conn))#{uptime_ms => erlang:monotonic_time(millisecond) - Since,
-                                  dist_in => In, dist_out => Out, send_blocked => Busy}.
+    Info = (macula_dist_nif:info(Conn))#{uptime_ms => erlang:monotonic_time(millisecond) - Since,
+                                         send_blocked => Busy},
+    try erlang:dist_get_stat(DHandle) of
+        {ok, In, Out, _Pending} -> Info#{dist_in => In, dist_out => Out}
+    catch
+        error:badarg -> Info  % the VM has already taken the connection down
+    end.
 
 %% @doc Information about the connection `Ctrl' controls.
 -spec info(pid()) -> {ok, map()} | {error, not_connected}.

@@ -37,3 +37,9 @@ helper_name_test() ->
     [Port, Host] = string:split(atom_to_list(macula_call:helper_name("127.0.0.1")), "@"),
     ?assertEqual("127.0.0.1", Host),
     ?assert(list_to_integer(Port) > 0).
+
+apply_text_test() ->
+    ?assertEqual({ok, erlang, erl, []}, macula_call:parse_apply("erlang erl")),
+    ?assertEqual({ok, lists, seq, [1, 3]}, macula_call:parse_apply("  lists  seq [1, 3] ")),
+    ?assertMatch({error, "the arguments of -a must be an Erlang list: x"}, macula_call:parse_apply("m f x")),
+    ?assertMatch({error, _}, macula_call:parse_apply("erlang")).
