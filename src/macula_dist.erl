@@ -143,7 +143,7 @@ acceptor_loop(Kernel, Family) ->
                     exit(unsupported_protocol)
             end;
         {macula_refused, PeerAddr, Why} ->
-            macula_dist_events:refused(undefined, PeerAddr, Why)
+            macula_dist_events:refused(from, undefined, PeerAddr, Why)
     end,
     acceptor_loop(Kernel, Family).
 
@@ -196,7 +196,7 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
                {macula_connect, {ok, C}} -> C;
                {macula_connect, {error, {tls, _} = Why}} ->
                    %% Certificates refused (PKI mode), by either side: say so.
-                   macula_dist_events:refused(Node, undefined, Why),
+                   macula_dist_events:refused(to, Node, undefined, Why),
                    ?shutdown2(Node, Why);
                {macula_connect, {error, Why}} ->
                    ?shutdown2(Node, Why)

@@ -125,7 +125,7 @@ bind_name(Recv, Name, PeerAddr) ->
                             Ok;
                         false ->
                             Why = {node_name_differs_from_authenticated, Name},
-                            macula_dist_events:refused(Name, PeerAddr, Why),
+                            macula_dist_events:refused(from, Name, PeerAddr, Why),
                             {error, Why}
                     end;
                 Other ->
@@ -203,8 +203,8 @@ outcome(Conn, Peer, {error, Why} = Error) ->
 
 refuse(Conn, Peer, Why) ->
     case Peer of
-        {node, Node} -> macula_dist_events:refused(Node, peer_address(Conn), Why);
-        {address, Address} -> macula_dist_events:refused(claimed_name(Why), Address, Why)
+        {node, Node} -> macula_dist_events:refused(to, Node, peer_address(Conn), Why);
+        {address, Address} -> macula_dist_events:refused(from, claimed_name(Why), Address, Why)
     end,
     {Kind, Phrase0} = refusal(Why),
     Phrase = unicode:characters_to_binary(Phrase0),

@@ -3,14 +3,15 @@
 %%%
 %%% Every event has the logger domain `[macula_dist]' and the metadata
 %%% `macula_event' (`up | down | refused'), `node' (the peer's node name, when known),
-%%% `address' (the peer's `{Ip, Port}') and, for `down' and `refused', `reason'. A
+%%% `address' (the peer's `{Ip, Port}'), `initiator' (whether this node opened the
+%%% connection) and, for `down' and `refused', `reason'. A
 %%% handler or filter can select them with `logger_filters:domain/2' on
 %%% `[macula_dist]'. Levels: `info' for up and down (shown with logger level info, so
 %%% the short-lived helper nodes of release scripts print nothing on their stdout),
 %%% `warning' for refused.
 -module(macula_dist_events).
 
--export([up/3, watch/3, refused/3]).
+-export([up/3, watch/3, refused/4]).
 
 -include_lib("kernel/include/logger.hrl").
 
@@ -46,18 +47,30 @@ down(Node, Address, Reason) ->
                 #{domain => ?DOMAIN, macula_event => down, node => Node, address => Address,
                   reason => Reason}).
 
-%% @doc A connection was refused: `Node' is the peer's name if it is known (a node we
-%% connect to, or the name a peer claimed) and `undefined' otherwise.
--spec refused(node() | binary() | undefined, {inet:ip_address(), inet:port_number()} | undefined,
-              term()) -> ok.
-refused(Node, Address, Reason) ->
+%% @doc A connection was refused, one coming `from' a peer or one going `to' it:
+%% `Node' is the peer's name if it is known (the node we connect to, or the name an
+%% incoming peer claimed), else `undefined'; `Address' likewise.
+-spec refused(from | to, node() | binary() | undefined,
+              {inet:ip_address(), inet:port_number()} | undefined, term()) -> ok.
+refused(Direction, Node, Address, Reason) ->
     ensure_visible(),
-    ?LOG_WARNING("macula_dist: refused connection ~ts~ts: ~tp",
-                 [case Node of undefined -> ""; _ -> io_lib:format("with ~ts ", [Node]) end,
-                  case Address of undefined -> ""; _ -> "(" ++ format_address(Address) ++ ")" end,
-                  Reason],
+    {First, Second} = case Direction of
+                          from -> {format_address(Address), Node};
+                          to -> {Node, format_address(Address)}
+                      end,
+    ?LOG_WARNING("macula_dist: refused connection ~ts ~ts~ts: ~ts",
+                 [Direction, text(First), case text(Second) of "" -> ""; T -> " (" ++ T ++ ")" end,
+                  reason_text(Reason)],
                  #{domain => ?DOMAIN, macula_event => refused, node => Node, address => Address,
-                   reason => Reason}).
+                   initiator => Direction =:= to, reason => Reason}).
+
+%% The NIF's refusals are text already.
+reason_text(Reason) when is_binary(Reason) -> Reason;
+reason_text(Reason) -> io_lib:format("~tp", [Reason]).
+
+text(undefined) -> "";
+text(Atom) when is_atom(Atom) -> atom_to_list(Atom);
+text(Chars) -> unicode:characters_to_list(Chars).
 
 %% Logger is not running when distribution starts at boot, so this waits for the
 %% first event.
@@ -77,6 +90,8 @@ ensure_visible() ->
 direction(true) -> "to";
 direction(false) -> "from".
 
+format_address(undefined) ->
+    undefined;
 format_address({Ip, Port}) when tuple_size(Ip) =:= 8 ->
     "[" ++ inet:ntoa(Ip) ++ "]:" ++ integer_to_list(Port);
 format_address({Ip, Port}) ->

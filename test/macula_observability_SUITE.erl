@@ -123,7 +123,7 @@ log_events(Config) ->
     [Refused] = [E || #{meta := #{macula_event := refused}} = E <- Events],
     StrangerName = atom_to_binary(?P:node_of(Stranger)),
     ?assertMatch(#{level := warning,
-                   meta := #{domain := [macula_dist], node := StrangerName,
+                   meta := #{domain := [macula_dist], node := StrangerName, initiator := false,
                              address := {{127, 0, 0, 1}, _},
                              reason := {wrong_cookie, StrangerName}}}, Refused),
     [Down] = [E || #{meta := #{macula_event := down}} = E <- Events],
