@@ -14,7 +14,14 @@
 %%%      sender/receiver pairs with 64 KiB binaries, and 100-byte binaries
 %%%      (messages/s, acked every 1,000, 4 batches in flight). Each run is
 %%%      time bounded (default 5 s) or byte bounded, whichever comes first.
-%%%   4. CPU seconds per GB moved (utime+stime from /proc/<pid>/stat of both
+%%%   4. head-of-line blocking: while one process streams 1 MiB binaries to a
+%%%      process on B (16 in flight, acked), another pair ping-pongs small
+%%%      messages; their round trip p50/p99/max and how many completed while
+%%%      the bulk ran. For macula also with the pinging pair marked by
+%%%      macula_dist:prioritize/1. macula runs twice: with its default pool of
+%%%      data streams (column macula) and with data_streams 1 (macula-1, one
+%%%      ordered stream like TCP).
+%%%   5. CPU seconds per GB moved (utime+stime from /proc/<pid>/stat of both
 %%%      beam processes around the 1 MiB run, plus the whole host's busy time
 %%%      from /proc/stat, which also catches kernel network work) and peak
 %%%      RSS (VmHWM) per node. The CPU that other processes used meanwhile is
@@ -36,14 +43,15 @@
 %%% (internal paths) and plain arguments after -extra (user options).
 -module(macula_bench).
 
-%% Orchestrator entry point (erl -s macula_bench main -extra ARGS).
--export([main/0]).
+%% Orchestrator entry points (erl -s macula_bench main -extra ARGS; bench/netns runs
+%% netns_main).
+-export([main/0, netns_main/0]).
 %% Called on the peer nodes through peer:call/5.
 -export([dist_protocol/1, disconnect/1, wait_gone/1, wait_present/1, timed_connect/1,
          watch_start/1, watch_count/0,
-         rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7]).
+         rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7, rtt_under_bulk/3]).
 %% Spawned on the remote node B by the functions above.
--export([echo/1, receiver/2]).
+-export([echo/1, echo/2, receiver/2]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("public_key/include/public_key.hrl").
@@ -76,7 +84,7 @@ main() ->
     erlang:halt(Code).
 
 defaults() ->
-    #{carriers => [tcp, tls, macula], quick => false, markdown => undefined,
+    #{carriers => [tcp, tls, macula1, macula], quick => false, markdown => undefined,
       duration => undefined}.
 
 parse_args([], Opts) -> Opts;
@@ -96,15 +104,16 @@ parse_args([Other | _], _) ->
 carrier("tcp") -> tcp;
 carrier("tls") -> tls;
 carrier("macula") -> macula;
-carrier(C) -> throw({usage, "unknown carrier: " ++ C ++ " (use tcp,tls,macula)"}).
+carrier("macula1") -> macula1;
+carrier(C) -> throw({usage, "unknown carrier: " ++ C ++ " (use tcp,tls,macula1,macula)"}).
 
 %% Workload sizes. --quick keeps every measurement but shrinks it.
 config(#{quick := Quick, duration := Dur}) ->
     Base = case Quick of
                false -> #{connects => 20, rtts => 10000, erpcs => 2000,
-                          duration => 5000, budget => 10000000000};
+                          duration => 5000, budget => 10000000000, hol => 10000};
                true -> #{connects => 10, rtts => 2000, erpcs => 500,
-                         duration => 1000, budget => 2000000000}
+                         duration => 1000, budget => 2000000000, hol => 3000}
            end,
     case Dur of
         undefined -> Base;
@@ -133,7 +142,7 @@ run(Opts = #{carriers := Carriers}) ->
     start_watchdog(maps:get(watchdog, Ctx)),
     Results = [{C, run_carrier(C, Cfg, Ctx)} || C <- Carriers],
     %% Carriers that were not requested still get a (skipped) column.
-    All = [{C, proplists:get_value(C, Results, skipped)} || C <- [tcp, tls, macula]],
+    All = [{C, proplists:get_value(C, Results, skipped)} || C <- [tcp, tls, macula1, macula]],
     Table = render(All, Cfg),
     io:put_chars(user, maps:get(text, Table)),
     case maps:get(markdown, Opts) of
@@ -157,8 +166,9 @@ start_watchdog(Secs) ->
                   erlang:halt(3)
           end).
 
-run_carrier(macula, _Cfg, #{macula_status := Status}) when Status =/= "ok" ->
-    err("[macula] FAILED: ~s~n", [Status]),
+run_carrier(C, _Cfg, #{macula_status := Status}) when (C =:= macula orelse C =:= macula1),
+                                                      Status =/= "ok" ->
+    err("[~p] FAILED: ~s~n", [C, Status]),
     {error, Status};
 run_carrier(C, Cfg, Ctx) ->
     log(C, "starting nodes"),
@@ -181,7 +191,8 @@ run_carrier(C, Cfg, Ctx) ->
 %% epmd and a listen port range instead, see carrier_args/3.
 names(tcp) -> {"47101", "47102"};
 names(tls) -> {"47103", "47104"};
-names(macula) -> {"47001", "47002"}.
+names(macula) -> {"47001", "47002"};
+names(macula1) -> {"47003", "47004"}.
 
 carrier_args(tcp, _Name, Ctx) ->
     epmd_args(Ctx);
@@ -190,7 +201,9 @@ carrier_args(tls, Name, Ctx) ->
      | epmd_args(Ctx)];
 carrier_args(macula, _Name, #{macula_ebin := Ebin}) ->
     %% -proto_dist exactly once: a second one silently selects inet_tcp (OTP 25).
-    ["-proto_dist", "macula", "-no_epmd", "-pa", Ebin].
+    ["-proto_dist", "macula", "-no_epmd", "-pa", Ebin];
+carrier_args(macula1, Name, Ctx) ->
+    carrier_args(macula, Name, Ctx) ++ ["-macula_dist_opt", "data_streams", "1"].
 
 %% A private epmd (started by bench/run) on a non-default port, so the bench
 %% neither depends on nor disturbs a system epmd; dist listen ports are kept
@@ -205,19 +218,15 @@ start_node(C, Name, Ctx = #{bench_ebin := Ebin, cookie := Cookie, tmp := Tmp}) -
             %% Keep forwarded crash reports (e.g. ssl's full state) readable.
             "-kernel", "error_logger_format_depth", "30"
             | carrier_args(C, Name, Ctx)],
-    Opts = #{name => Name, host => ?HOST, longnames => true,
+    Opts = #{name => Name, host => ?HOST,
              connection => 0,            % control over TCP, not over dist
              args => Args, wait_boot => 20000,
              env => [{"ERL_CRASH_DUMP", Dump}]},
-    %% peer:start/1 returns {error, _} or exits (e.g. timeout when the node
-    %% halts during boot before it connects back).
-    Result = try peer:start(Opts) catch exit:E -> {error, E} end,
-    case Result of
-        {ok, Peer, Node} ->
-            OsPid = list_to_integer(peer:call(Peer, os, getpid, [])),
+    case macula_node:start(Opts) of
+        {ok, #{peer := Peer, node := Node, os_pid := OsPid}} ->
             track(Peer, OsPid),
             #{peer => Peer, node => Node, ospid => OsPid};
-        {error, Reason} ->
+        {error, {node_start_failed, _, Reason, _}} ->
             %% peer starts nodes -detached, so their console (where e.g.
             %% "Protocol 'macula': register/listen error" goes) is lost:
             %% boot the same command line once more in the foreground and
@@ -271,17 +280,7 @@ stop_all_nodes() ->
     write_pidfile().
 
 stop_node(Peer, OsPid) ->
-    catch peer:stop(Peer),
-    wait_exit(OsPid, 50).
-
-%% Give the node up to ~5 s to halt, then SIGKILL it.
-wait_exit(OsPid, 0) ->
-    os:cmd("kill -9 " ++ integer_to_list(OsPid));
-wait_exit(OsPid, N) ->
-    case filelib:is_dir("/proc/" ++ integer_to_list(OsPid)) of
-        false -> ok;
-        true -> timer:sleep(100), wait_exit(OsPid, N - 1)
-    end.
+    macula_node:stop(#{peer => Peer, os_pid => OsPid}, 5000).
 
 kill_tracked() ->
     case file:read_file(pidfile()) of
@@ -345,7 +344,7 @@ erlang_certs(Dir) ->
 
 measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ctx) ->
     #{connects := NConn, rtts := NRtt, erpcs := NErpc,
-      duration := Dur, budget := Budget} = Cfg,
+      duration := Dur, budget := Budget, hol := HolMs} = Cfg,
     Start = {host_busy_secs(Ctx), cpu_secs(A, Ctx) + cpu_secs(B, Ctx), erlang:monotonic_time()},
     %% First connection doubles as warm-up (code loading, e.g. ssl on TLS).
     {ok, _} = call(PA, ?MODULE, timed_connect, [NB]),
@@ -377,6 +376,15 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
     T64x8 = call(PA, ?MODULE, parallel_throughput, [NB, 1 bsl 16, 8, 1, Dur, Budget, 8]),
     log(C, "100-byte message rate"),
     T100 = call(PA, ?MODULE, throughput, [NB, 100, 4, 1000, Dur, Budget]),
+    log(C, "small-message round trips under another pair's 1 MiB bulk transfer"),
+    Hol = call(PA, ?MODULE, rtt_under_bulk, [NB, HolMs, false]),
+    HolPrio = case C of
+                  macula ->
+                      log(C, "the same, the pinging pair prioritised"),
+                      call(PA, ?MODULE, rtt_under_bulk, [NB, HolMs, true]);
+                  _ ->
+                      #{}
+              end,
 
     case {call(PA, ?MODULE, watch_count, []), call(PB, ?MODULE, watch_count, [])} of
         {0, 0} -> ok;
@@ -394,6 +402,10 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
       erpc_p50 => maps:get(p50, Erpc), erpc_p99 => maps:get(p99, Erpc),
       tp_1m => maps:get(mb_s, T1M), tp_64k => maps:get(mb_s, T64),
       tp_64k_x8 => maps:get(mb_s, T64x8), rate_100b => maps:get(msgs_s, T100) / 1000,
+      hol_p50 => maps:get(p50, Hol), hol_p99 => maps:get(p99, Hol), hol_max => maps:get(max, Hol),
+      hol_count => maps:get(count, Hol), hol_bulk => maps:get(bulk_mb_s, Hol),
+      hol_prio_p50 => maps:get(p50, HolPrio, none), hol_prio_p99 => maps:get(p99, HolPrio, none),
+      hol_prio_max => maps:get(max, HolPrio, none),
       cpu_a => (CpuA1 - CpuA0) / GB, cpu_b => (CpuB1 - CpuB0) / GB,
       cpu_ab => (CpuA1 - CpuA0 + CpuB1 - CpuB0) / GB,
       cpu_host => (Host1 - Host0) / GB,
@@ -408,8 +420,8 @@ check_carrier(C, #{peer := PA}, #{node := NB}) ->
     Ok = case C of
              tcp -> Proto =:= tcp;
              tls -> Proto =:= tls;
-             macula -> Proto =/= tcp andalso Proto =/= tls
-                           andalso call(PA, code, is_loaded, [macula_dist]) =/= false
+             _ -> Proto =/= tcp andalso Proto =/= tls
+                      andalso call(PA, code, is_loaded, [macula_dist]) =/= false
          end,
     Ok orelse error({wrong_carrier, C, Proto}).
 
@@ -557,6 +569,13 @@ echo(From) ->
         Msg -> From ! Msg, echo(From)
     end.
 
+echo(From, Prioritize) ->
+    ok = prioritize(Prioritize),
+    echo(From).
+
+prioritize(false) -> ok;
+prioritize(true) -> macula_dist:prioritize(self()).
+
 erpc_rtt(Node, N) ->
     _ = [erpc:call(Node, erlang, node, []) || _ <- lists:seq(1, 100)],  % warm-up
     stats([begin
@@ -569,7 +588,49 @@ erpc_rtt(Node, N) ->
 stats(Samples) ->
     Sorted = list_to_tuple(lists:sort(Samples)),
     Pct = fun(P) -> to_us(element(max(1, ceil(P * tuple_size(Sorted))), Sorted)) end,
-    #{p50 => Pct(0.50), p99 => Pct(0.99)}.
+    #{p50 => Pct(0.50), p99 => Pct(0.99), max => Pct(1.0), count => tuple_size(Sorted)}.
+
+%% While one sender on this node streams 1 MiB binaries to a receiver on Node (16
+%% in flight, each acked), another process ping-pongs a small message with an echo
+%% process on Node for DurMs. Returns the ping round-trip percentiles, how many
+%% round trips completed while the bulk ran, and the bulk throughput. With
+%% Prioritize, the pinging process and its echo are marked with
+%% macula_dist:prioritize/1 before they first talk to each other.
+rtt_under_bulk(Node, DurMs, Prioritize) ->
+    Self = self(),
+    T0 = erlang:monotonic_time(),
+    Bulk = spawn_link(fun() ->
+                              Deadline = erlang:monotonic_time()
+                                  + erlang:convert_time_unit(DurMs + 500, millisecond, native),
+                              Self ! {bulk, stream(Node, rand:bytes(1 bsl 20), 16, 1,
+                                                   1 bsl 40, Deadline)}
+                      end),
+    timer:sleep(500),                                  % the bulk transfer is under way
+    Pinger = spawn_link(fun() ->
+                                ok = prioritize(Prioritize),
+                                Echo = spawn_link(Node, ?MODULE, echo, [self(), Prioritize]),
+                                End = erlang:monotonic_time()
+                                    + erlang:convert_time_unit(DurMs - 500, millisecond, native),
+                                Samples = ping_until(Echo, End, 1, []),
+                                Echo ! stop,
+                                Self ! {pings, Samples}
+                        end),
+    Samples = receive {pings, S} -> S end,
+    {Msgs, Bytes, BulkEnd} = receive {bulk, R} -> R end,
+    _ = {Bulk, Pinger, Msgs},
+    BulkSecs = to_us(BulkEnd - T0) / 1.0e6,
+    (stats(Samples))#{bulk_mb_s => Bytes / BulkSecs / 1.0e6}.
+
+ping_until(Echo, End, N, Acc) ->
+    case erlang:monotonic_time() >= End of
+        true ->
+            Acc;
+        false ->
+            T0 = erlang:monotonic_time(),
+            Echo ! N,
+            receive N -> ok end,
+            ping_until(Echo, End, N + 1, [erlang:monotonic_time() - T0 | Acc])
+    end.
 
 to_us(Native) ->
     erlang:convert_time_unit(Native * 1000, native, microsecond) / 1000.
@@ -658,6 +719,77 @@ receiver(Sender, AckEvery, Pending, Msgs, Bytes) ->
     end.
 
 %%====================================================================
+%% Between two network namespaces (bench/netns)
+%%====================================================================
+
+%% bench/netns has made the namespaces, the veth link and the loss rule; this starts
+%% one node in each for every carrier, runs rtt_under_bulk/3 on A and prints one line
+%% per carrier: carrier p50_us p99_us max_us round_trips bulk_MB_s.
+netns_main() ->
+    group_leader(whereis(standard_error), self()),
+    Env = fun(K) -> os:getenv("MACULA_BENCH_" ++ K, "") end,
+    Code = try
+               [NsA, NsB] = string:lexemes(Env("NETNS"), ","),
+               [IpA, IpB] = string:lexemes(Env("NETNS_IPS"), ","),
+               Ctx = (context())#{netns => {NsA, NsB}, ips => {IpA, IpB}},
+               DurMs = list_to_integer(Env("HOL_MS")),
+               [netns_carrier(carrier(C), DurMs, Ctx) || C <- string:lexemes(Env("CARRIERS"), ",")],
+               0
+           catch
+               Class:Reason:Stack ->
+                   err("bench/netns crashed: ~p:~p~n~p~n", [Class, Reason, Stack]),
+                   stop_all_nodes(),
+                   2
+           end,
+    erlang:halt(Code).
+
+netns_carrier(C, DurMs, Ctx = #{netns := {NsA, NsB}, ips := {IpA, IpB}}) ->
+    log(C, "starting nodes in ~s and ~s", [NsA, NsB]),
+    try
+        {NameA, NameB} = names(C),
+        A = start_netns_node(C, NameA, NsA, IpA, Ctx),
+        B = start_netns_node(C, NameB, NsB, IpB, Ctx),
+        {ok, _} = call(maps:get(peer, A), ?MODULE, timed_connect, [maps:get(node, B)]),
+        check_carrier(C, A, B),
+        R = call(maps:get(peer, A), ?MODULE, rtt_under_bulk, [maps:get(node, B), DurMs, false]),
+        io:format(user, "~p ~.1f ~.1f ~.1f ~p ~.0f~n",
+                  [C, maps:get(p50, R), maps:get(p99, R), maps:get(max, R), maps:get(count, R),
+                   maps:get(bulk_mb_s, R)])
+    catch
+        Class:Reason:Stack ->
+            err("[~p] FAILED: ~p:~p~n  ~p~n", [C, Class, Reason, Stack]),
+            io:format(user, "~p FAILED~n", [C])
+    after
+        stop_all_nodes()
+    end.
+
+%% inet_tcp and inet_tls without epmd: every node listens on one fixed port
+%% (-erl_epmd_port), which works because each namespace has its own address.
+netns_args(macula, Name, Ctx) -> carrier_args(macula, Name, Ctx);
+netns_args(macula1, Name, Ctx) -> carrier_args(macula1, Name, Ctx);
+netns_args(tls, Name, Ctx) ->
+    ["-proto_dist", "inet_tls", "-ssl_dist_optfile", tls_optfile(Name, Ctx) | netns_args(tcp, Name, Ctx)];
+netns_args(tcp, _Name, _Ctx) ->
+    ["-erl_epmd_port", "47120"].
+
+start_netns_node(C, Name, Ns, Ip, Ctx = #{bench_ebin := Ebin, cookie := Cookie}) ->
+    Erl = os:find_executable("erl"),
+    IpCmd = case os:find_executable("ip", "/usr/sbin:/sbin:/usr/bin:/bin") of
+                false -> "ip";
+                Found -> Found
+            end,
+    Args = ["-setcookie", Cookie, "-pa", Ebin, "-start_epmd", "false"
+            | netns_args(C, Name, Ctx)],
+    Opts = #{name => Name, host => Ip, longnames => true,
+             connection => standard_io,         % no TCP back to us from inside
+             exec => {IpCmd, ["netns", "exec", Ns, Erl]},
+             args => Args, wait_boot => 20000},
+    {ok, Peer, Node} = peer:start_link(Opts),
+    OsPid = list_to_integer(peer:call(Peer, os, getpid, [])),
+    track(Peer, OsPid),
+    #{peer => Peer, node => Node, ospid => OsPid}.
+
+%%====================================================================
 %% Report
 %%====================================================================
 
@@ -672,6 +804,14 @@ metrics() ->
      {tp_64k,    "throughput 64 KiB msgs (MB/s)", 0},
      {tp_64k_x8, "throughput 64 KiB x8 senders (MB/s)", 0},
      {rate_100b, "100 B msgs (k msg/s)", 1},
+     {hol_p50,   "round trip under another's bulk p50 (us)", 1},
+     {hol_p99,   "round trip under another's bulk p99 (us)", 1},
+     {hol_max,   "round trip under another's bulk max (us)", 1},
+     {hol_count, "round trips done during the bulk", 0},
+     {hol_bulk,  "the bulk transfer meanwhile (MB/s)", 0},
+     {hol_prio_p50, "prioritised round trip under bulk p50 (us)", 1},
+     {hol_prio_p99, "prioritised round trip under bulk p99 (us)", 1},
+     {hol_prio_max, "prioritised round trip under bulk max (us)", 1},
      {cpu_a,     "CPU s/GB, sender node (1 MiB run)", 2},
      {cpu_b,     "CPU s/GB, receiver node (1 MiB run)", 2},
      {cpu_ab,    "CPU s/GB, both nodes (1 MiB run)", 2},
@@ -680,23 +820,30 @@ metrics() ->
      {rss_b,     "peak RSS receiver node (MiB)", 1}].
 
 render(All, Cfg) ->
-    Header = ["metric", "tcp", "tls", "macula", "macula/tcp", "macula/tls"],
+    Header = ["metric", "tcp", "tls", "macula-1", "macula", "macula/tcp", "macula/tls",
+              "macula/macula-1"],
     Get = fun(C) -> proplists:get_value(C, All) end,
-    Rows = [[Label | [cell(Get(C), K, D) || C <- [tcp, tls, macula]]
-             ++ [ratio(Get(macula), Get(O), K) || O <- [tcp, tls]]]
+    Rows = [[Label | [cell(Get(C), K, D) || C <- [tcp, tls, macula1, macula]]
+             ++ [ratio(Get(macula), Get(O), K) || O <- [tcp, tls, macula1]]]
             || {K, Label, D} <- metrics()],
     Notes = notes(All, Cfg),
     #{text => [text_table([Header | Rows]), Notes],
       markdown => [md_table([Header | Rows]), "\n", Notes]}.
 
-cell({ok, R}, K, D) -> num(maps:get(K, R), D);
+cell({ok, R}, K, D) ->
+    case maps:get(K, R) of
+        none -> "-";
+        V -> num(V, D)
+    end;
 cell({error, _}, _, _) -> "FAILED";
 cell(skipped, _, _) -> "skipped".
 
 ratio({ok, M}, {ok, O}, K) ->
-    case maps:get(K, O) of
-        V when V == 0 -> "-";
-        V -> num(maps:get(K, M) / V, 2) ++ "x"
+    case {maps:get(K, M), maps:get(K, O)} of
+        {none, _} -> "-";
+        {_, none} -> "-";
+        {_, V} when V == 0 -> "-";
+        {U, V} -> num(U / V, 2) ++ "x"
     end;
 ratio(_, _, _) -> "-".
 

@@ -1,7 +1,8 @@
 %%% @doc The demo behind `scripts/demo' (and `make demo').
 %%%
 %%% main/1 runs in a plain, non-distributed VM (the orchestrator). It starts two
-%%% BEAM nodes as separate OS processes with `peer' (OTP 25), each with
+%%% BEAM nodes as separate OS processes with `peer' (OTP 25, through
+%%% test/macula_node.erl, which the suites and the benchmark use too), each with
 %%% `-proto_dist macula -no_epmd', and drives them over peer's own TCP control
 %%% connection (connection => 0), so everything between the two nodes goes over
 %%% macula_dist's QUIC connection and nothing else. Then it:
@@ -83,8 +84,7 @@ run(Ebin, HelperDir, PortA0, PortB0, Mode) ->
     %% 1. Two nodes, two OS processes.
     heading(1, "starting two nodes as separate OS processes"),
     {PortA, PortB} = step("check UDP ports", fun() -> free_ports(PortA0, PortB0, Mode) end),
-    Args = ["-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
-            "-setcookie", Cookie, "-pa", Ebin, "-pa", HelperDir],
+    Args = macula_node:macula_args(Cookie, [Ebin, HelperDir]),
     io:format("  erl -name PORT@~s ~ts~n",
               [Host, lists:join(" ", [case A of Cookie -> "<cookie>"; _ -> A end || A <- Args])]),
     {PeerA, NodeA, OsA} = step("start node A", fun() -> start_node(PortA, Host, Args) end),
@@ -192,16 +192,15 @@ port_free(Port) ->
     end.
 
 start_node(Port, Host, Args) ->
-    Name = integer_to_list(Port),
-    case peer:start(#{name => Name, host => Host, longnames => true, connection => 0,
-                      args => Args, wait_boot => 30000}) of
-        {ok, Peer, Node} ->
+    case macula_node:start(#{name => integer_to_list(Port), host => Host, args => Args,
+                             connection => 0, wait_boot => 30000}) of
+        {ok, #{peer := Peer, node := Node, os_pid := Pid}} ->
             put(peers, [Peer | get(peers)]),
-            OsPid = peer:call(Peer, os, getpid, []),
+            OsPid = integer_to_list(Pid),
             ok = file:write_file(get(pidfile), [OsPid, $\n], [append]),
             {Peer, Node, OsPid};
-        {error, Reason} ->
-            error({peer_start_failed, Name ++ "@" ++ Host, Reason})
+        {error, Failed} ->
+            error(Failed)
     end.
 
 %% Halts whatever node is still running (after a failure; after success none is).
@@ -328,7 +327,7 @@ stop_node(Label, Peer, Node, OsPid, Survivor) ->
     end.
 
 os_alive(OsPid) ->
-    string:trim(os:cmd("kill -0 " ++ OsPid ++ " 2>/dev/null && echo alive")) =:= "alive".
+    macula_node:is_os_alive(list_to_integer(OsPid)).
 
 wait_until(Fun, Ms) when Ms =< 0 ->
     Fun();

@@ -2,7 +2,8 @@
 %%%
 %%% Start a node with
 %%% `erl -proto_dist macula -no_epmd -start_epmd false -name 4433@10.0.0.5'.
-%%% The name part of a node name is its UDP port, so no EPMD is involved. Every
+%%% The name part of such a node name is its UDP port, so no EPMD is involved; other
+%%% names (`app@10.0.0.5') are found through macula_dist_discovery. Every
 %%% connection is one QUIC connection with TLS 1.3; the distribution handshake runs on
 %%% a control stream and distribution data on a data stream (see macula_dist_ctrl for
 %%% the processes of a connection and native/macula_quic for the wire format).
@@ -17,7 +18,7 @@
 %% Optional callbacks and tools
 -export([is_node_name/1, splitname/1, setopts/2, getopts/2]).
 %% Operations on a running node
--export([connection_info/1, rebind/2, option/1]).
+-export([info/0, info/1, connection_info/1, rebind/2, option/1, prioritize/1, prioritize/2]).
 
 -include_lib("kernel/include/net_address.hrl").
 -include_lib("kernel/include/dist.hrl").
@@ -41,25 +42,35 @@ listen(Name) ->
     {ok, Host} = inet:gethostname(),
     listen(Name, Host).
 
-%% Opens the node's UDP endpoint on the port its name gives. Creation -1 makes
-%% net_kernel pick a random creation, so each incarnation of a name differs.
--spec listen(atom(), string()) -> {ok, {macula_dist_nif:endpoint(), #net_address{}, -1}} | {error, term()}.
+%% Opens the node's UDP endpoint on the port its name gives (or, for other names, the
+%% one macula_dist_discovery picks). The creation is EPMD's when the node registers
+%% there, else -1, which makes net_kernel pick a random one: either way each
+%% incarnation of a name differs.
+-spec listen(atom(), string()) -> {ok, {macula_dist_nif:endpoint(), #net_address{}, integer()}} | {error, term()}.
 listen(Name, Host) ->
     case open_endpoint(Name, Host) of
-        {ok, Endpoint, Address} ->
-            {ok, {Endpoint, Address, -1}};
+        {ok, Endpoint, Address, Creation} ->
+            {ok, {Endpoint, Address, Creation}};
         {error, Reason} = Error ->
-            report_boot_error(Name, Host, Reason),
+            report_boot_error(io_lib:format("listen as ~ts@~ts", [Name, Host]), Reason),
             Error
     end.
 
 open_endpoint(Name, Host) ->
     try
-        Port = unwrap(macula_dist_name:port(Name)),
+        Config = unwrap(load()),
+        Port = unwrap(macula_dist_discovery:listen_port(Name, Config)),
         {Ip, Family} = unwrap(resolve(Host)),
-        Endpoint = unwrap(bind_endpoint(Family, Port, reset_identity(Name, Host))),
-        {ok, Endpoint, #net_address{address = {Ip, Port}, host = Host,
-                                    protocol = ?PROTOCOL, family = Family}}
+        {Endpoint, BoundPort} = unwrap(bind_endpoint(Family, Port, Config, reset_identity(Name, Host))),
+        case macula_dist_discovery:start({listen, Name}, BoundPort, Family, Config) of
+            {ok, Creation} ->
+                {ok, Endpoint, #net_address{address = {Ip, BoundPort}, host = Host,
+                                            protocol = ?PROTOCOL, family = Family},
+                 Creation};
+            {error, _} = Error ->
+                close(Endpoint),
+                Error
+        end
     catch
         throw:{?MODULE, Reason} -> {error, Reason}
     end.
@@ -75,20 +86,25 @@ reset_identity(Name, Host) ->
                     cookie => atom_to_binary(Cookie, utf8)}
     end.
 
-%% Loads the NIF and the options, binds, and remembers the endpoint for setup/5.
-bind_endpoint(Family, Port, Identity) ->
-    try
-        ok = unwrap(macula_dist_nif:load()),
-        Config = unwrap(macula_dist_config:load()),
-        Options = maps:merge(macula_dist_config:nif_options(Config), Identity),
-        Endpoint = unwrap(macula_dist_nif:listen(macula_dist_config:bind_ip(Family), Port, Options)),
-        persistent_term:put(?ENDPOINT, {Endpoint, Family, Config}),
-        {ok, Endpoint}
-    catch
-        throw:{?MODULE, Reason} -> {error, Reason}
+%% Loads the NIF and the options.
+load() ->
+    case macula_dist_nif:load() of
+        ok -> macula_dist_config:load();
+        {error, _} = Error -> Error
     end.
 
-unwrap(ok) -> ok;
+%% Binds, and remembers the endpoint for setup/5. `Identity' keys the stateless resets.
+bind_endpoint(Family, Port, Config, Identity) ->
+    Options = maps:merge(macula_dist_config:nif_options(Config), Identity),
+    case macula_dist_nif:listen(macula_dist_config:bind_ip(Family), Port, Options) of
+        {ok, Endpoint} ->
+            persistent_term:put(?ENDPOINT, {Endpoint, Family, Config}),
+            {ok, {_Ip, BoundPort}} = macula_dist_nif:endpoint_address(Endpoint),
+            {ok, {Endpoint, BoundPort}};
+        {error, _} = Error ->
+            Error
+    end.
+
 unwrap({ok, Value}) -> Value;
 unwrap({error, Reason}) -> throw({?MODULE, Reason}).
 
@@ -105,9 +121,9 @@ resolve(Host) ->
 family(Ip) when tuple_size(Ip) =:= 4 -> inet;
 family(Ip) when tuple_size(Ip) =:= 8 -> inet6.
 
-%% The logger is not running yet when listen/2 fails at boot; stderr is.
-report_boot_error(Name, Host, Reason) ->
-    Text = io_lib:format("macula_dist: cannot listen as ~ts@~ts: ~tp~n", [Name, Host, Reason]),
+%% The logger is not running yet when listen/2 fails at boot; stderr is. One line.
+report_boot_error(What, Reason) ->
+    Text = io_lib:format("macula_dist: cannot ~ts: ~ts~n", [What, io_lib:print(Reason, 1, 1 bsl 20, -1)]),
     catch erlang:display_string(lists:flatten(Text)),
     ok.
 
@@ -137,9 +153,8 @@ acceptor_loop(Kernel, Family) ->
                     exit(Ctrl, kill),
                     exit(unsupported_protocol)
             end;
-        {macula_refused, {Ip, Port}, Why} ->
-            ?LOG_WARNING("macula_dist: refused connection from ~ts: ~ts",
-                         [inet:ntoa(Ip) ++ ":" ++ integer_to_list(Port), Why])
+        {macula_refused, PeerAddr, Why} ->
+            macula_dist_events:refused(from, undefined, PeerAddr, Why)
     end,
     acceptor_loop(Kernel, Family).
 
@@ -157,7 +172,8 @@ do_accept(Kernel, AcceptPid, Ctrl, MyNode, Allowed, SetupTime) ->
                        {ok, AuthName} -> AuthName;
                        {error, _} -> ?shutdown(no_node)
                    end,
-            HSData0 = macula_dist_ctrl:hs_data(Ctrl, Conn),
+            HSData0 = with_new_connection_opts(macula_dist_ctrl:hs_data(Ctrl, Conn),
+                                               inet_dist_listen_options),
             HSData = HSData0#hs_data{
                        f_recv = macula_dist_auth:bind_name(HSData0#hs_data.f_recv, Name, PeerAddr),
                        kernel_pid = Kernel,
@@ -178,16 +194,20 @@ setup(Node, Type, MyNode, _LongOrShortNames, SetupTime) ->
 
 do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
     Timer = dist_util:start_timer(SetupTime),
-    {Port, Host} = case splitname(Node) of
-                       false -> ?shutdown2(Node, {bad_node_name, Node});
-                       PortHost -> PortHost
+    {Host, Port} = case macula_dist_discovery:locate(Node, SetupTime div 2) of
+                       {ok, HostPort} ->
+                           HostPort;
+                       {error, NotFound} ->
+                           ?LOG_WARNING("macula_dist: cannot connect to ~ts: ~tp", [Node, NotFound]),
+                           ?shutdown2(Node, {cannot_locate, NotFound})
                    end,
+    dist_util:reset_timer(Timer),
     ok = macula_dist_nif:connect(endpoint(), unicode:characters_to_binary(Host), Port, self()),
     Conn = receive
                {macula_connect, {ok, C}} -> C;
                {macula_connect, {error, {tls, _} = Why}} ->
                    %% Certificates refused (PKI mode), by either side: say so.
-                   ?LOG_WARNING("macula_dist: refused connection to ~ts: ~tp", [Node, Why]),
+                   macula_dist_events:refused(to, Node, undefined, Why),
                    ?shutdown2(Node, Why);
                {macula_connect, {error, {unreachable, What} = Why}} ->
                    %% ICMP said nobody is there (TCP's "connection refused"): fail now.
@@ -198,17 +218,37 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
            end,
     dist_util:reset_timer(Timer),
     Ctrl = macula_dist_ctrl:start_linked(Conn),
+    %% A call to the controller, so it owns the connection's events before the cookie
+    %% proof goes out: a refusal's close reason then reaches this process through it,
+    %% instead of the controller dying of a connection closed under it.
+    HSData0 = with_new_connection_opts(macula_dist_ctrl:hs_data(Ctrl, Conn),
+                                       inet_dist_connect_options),
     case macula_dist_auth:initiate(Conn, MyNode, Node) of
         ok -> ok;
         {error, AuthError} -> ?shutdown2(Node, {not_authenticated, AuthError})
     end,
-    HSData = (macula_dist_ctrl:hs_data(Ctrl, Conn))#hs_data{
+    HSData = HSData0#hs_data{
                kernel_pid = Kernel,
                other_node = Node,
                this_node = MyNode,
                timer = Timer,
                request_type = Type},
     dist_util:handshake_we_started(HSData).
+
+%% net_kernel:setopts(new, Opts) keeps the options of new connections in these kernel
+%% parameters (the listen one for accepted connections, the connect one for those set
+%% up here); `dist_nodelay' is the default. Only `nodelay' means something to macula.
+with_new_connection_opts(#hs_data{socket = Ctrl, mf_setopts = SetOpts} = HSData, Param) ->
+    Default = [{nodelay, application:get_env(kernel, dist_nodelay, true)}],
+    Given = case application:get_env(kernel, Param) of
+                {ok, List} when is_list(List) -> [Opt || {nodelay, _} = Opt <- List];
+                _ -> []
+            end,
+    case lists:last(Default ++ Given) of
+        {nodelay, Bool} = Opt when is_boolean(Bool) -> ok = SetOpts(Ctrl, [Opt]);
+        _ -> ok
+    end,
+    HSData.
 
 %% Closes every connection (peers see connection_closed at once) and the socket.
 -spec close(macula_dist_nif:endpoint()) -> ok.
@@ -221,26 +261,40 @@ close(Endpoint) ->
     _ = persistent_term:erase(?ENDPOINT),
     ok.
 
-%% Runs inside net_kernel for every outgoing connection: syntax only, no lookups.
+%% Runs inside net_kernel for every outgoing connection: syntax only, no lookups
+%% (where a Name@Host node listens is found by the process setup/5 spawns).
 -spec select(node()) -> boolean().
 select(Node) ->
-    splitname(Node) =/= false.
+    is_node_name(Node).
 
-%% Only for nodes that do not listen (`-dist_listen false'): they still need a socket
-%% to connect from, so one is opened on an ephemeral port.
+%% Only for nodes that do not listen (`-dist_listen false', OTP's dynamic names
+%% `undefined@Host'): they still need a socket to connect from, so one is opened on an
+%% ephemeral port. Nobody can connect to such a node; it connects out.
 -spec address() -> #net_address{}.
 address() ->
     {ok, Host} = inet:gethostname(),
+    Family = family(macula_dist_config:bind_ip(inet)),
     case persistent_term:get(?ENDPOINT, undefined) of
-        undefined -> open_client_endpoint();
+        undefined -> open_client_endpoint(Family);
         _ -> ok
     end,
-    #net_address{host = Host, protocol = ?PROTOCOL, family = inet}.
+    #net_address{host = Host, protocol = ?PROTOCOL, family = Family}.
 
-open_client_endpoint() ->
-    case bind_endpoint(inet, 0, #{}) of
-        {ok, _Endpoint} -> ok;
-        {error, Reason} -> erlang:error({macula_dist, Reason})
+open_client_endpoint(Family) ->
+    Opened = case load() of
+                 {ok, Config} ->
+                     case bind_endpoint(Family, 0, Config, #{}) of
+                         {ok, {_Endpoint, Port}} -> macula_dist_discovery:start(client_only, Port, Family, Config);
+                         {error, _} = Error -> Error
+                     end;
+                 {error, _} = Error ->
+                     Error
+             end,
+    case Opened of
+        {ok, _Creation} -> ok;
+        {error, Reason} ->
+            report_boot_error("open a socket to connect from", Reason),
+            erlang:error({macula_dist, Reason})
     end.
 
 endpoint() ->
@@ -251,17 +305,24 @@ endpoint() ->
 %%% Optional callbacks and tools
 %%% ------------------------------------------------------------------------------------
 
+%% Any name macula can connect to: `Port@Host' or `Name@Host' (not `nonode@nohost',
+%% the name of a node that is not distributed).
 -spec is_node_name(term()) -> boolean().
-is_node_name(Node) ->
-    splitname(Node) =/= false.
+is_node_name(nonode@nohost) ->
+    false;
+is_node_name(Node) when is_atom(Node) ->
+    element(1, macula_dist_name:parse(Node)) =:= ok;
+is_node_name(_) ->
+    false.
 
 %% @doc `{Port, Host}' of a macula node name, `false' for anything else.
 -spec splitname(term()) -> {inet:port_number(), string()} | false.
 splitname(Node) ->
     macula_dist_name:split(Node).
 
-%% Options net_kernel:setopts(new, Opts) stores for new connections. QUIC never delays
-%% small packets, so `nodelay' is accepted whatever its value.
+%% Options net_kernel:setopts(new, Opts) stores for new connections (in the kernel
+%% parameters with_new_connection_opts/2 reads). QUIC never delays small packets, so
+%% `nodelay' is accepted whatever its value and only reported back by getopts.
 -spec setopts(macula_dist_nif:endpoint(), [{atom(), term()}]) -> ok | {error, term()}.
 setopts(_Endpoint, Opts) ->
     macula_dist_ctrl:check_opts(Opts).
@@ -274,20 +335,54 @@ getopts(_Endpoint, Opts) ->
 %%% Operations on a running node
 %%% ------------------------------------------------------------------------------------
 
-%% @doc Facts about the connection to `Node': peer address, TLS version, cipher suite,
-%% round-trip time, path MTU, lost packets.
--spec connection_info(node()) -> {ok, map()} | {error, not_connected}.
-connection_info(Node) ->
+%% @doc Facts about every macula connection of this node, by peer node (the keys are
+%% those of info/1).
+-spec info() -> #{node() => map()}.
+info() ->
+    maps:from_list([{Node, Info} || {Node, Ctrl} <- erlang:system_info(dist_ctrl), is_pid(Ctrl),
+                                    {ok, Info} <- [macula_dist_ctrl:info(Ctrl)]]).
+
+%% @doc Facts about the connection to `Node': addresses, TLS, round-trip time,
+%% congestion window, traffic counters, uptime (README, "Operations").
+-spec info(node()) -> {ok, map()} | {error, not_connected}.
+info(Node) ->
     case lists:keyfind(Node, 1, erlang:system_info(dist_ctrl)) of
         {Node, Ctrl} when is_pid(Ctrl) -> macula_dist_ctrl:info(Ctrl);
         _ -> {error, not_connected}
     end.
+
+%% @doc The same as info/1 (its name in version 0.1.0).
+-spec connection_info(node()) -> {ok, map()} | {error, not_connected}.
+connection_info(Node) ->
+    info(Node).
 
 %% @doc The value of option `Key' (see macula_dist_config) of the running endpoint.
 -spec option(atom()) -> term().
 option(Key) ->
     {_Endpoint, _Family, Config} = persistent_term:get(?ENDPOINT),
     maps:get(Key, Config).
+
+%% @doc Sends `Pid''s distribution traffic on the priority data stream of every
+%% connection it has not sent on yet (see prioritize/2).
+-spec prioritize(pid()) -> ok | {error, not_local | not_started}.
+prioritize(Pid) ->
+    prioritize(Pid, true).
+
+%% @doc Marks (`true') or unmarks a local process for priority. Its messages, links,
+%% monitors and exits then travel on a data stream of higher QUIC urgency, ahead of
+%% other processes' bulk traffic; its own order is kept. A process keeps the stream it
+%% was first given on a connection, so mark it before it talks to other nodes (for
+%% example first thing in its init). The mark ends when the process exits. No effect
+%% with `data_streams' 1, where every packet shares one ordered stream.
+-spec prioritize(pid(), boolean()) -> ok | {error, not_local | not_started}.
+prioritize(Pid, On) when is_pid(Pid), is_boolean(On) ->
+    if
+        node(Pid) =/= node() -> {error, not_local};
+        true ->
+            try macula_dist_nif:set_priority(Pid, term_to_binary(Pid), On)
+            catch error:{not_loaded, _} -> {error, not_started}
+            end
+    end.
 
 %% @doc Moves this node's UDP socket to `{Ip, Port}' (port 0: any free port). Every
 %% connection migrates with it: peers follow the new address (QUIC connection

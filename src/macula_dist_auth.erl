@@ -5,6 +5,7 @@
 %%% <pre>
 %%%   initiator -> acceptor: "A", NameLen:16, InitiatorName, Proof:32   (role initiator)
 %%%   acceptor -> initiator: "a", Proof:32                               (role acceptor)
+%%%                      or: "x", CloseCode:8, Reason                        (refused)
 %%% </pre>
 %%% Each `Proof' is HMAC-SHA256 of the cookie over a TLS exporter value of this session,
 %%% the role and the initiator's node name. The acceptor checks first and answers only
@@ -17,13 +18,35 @@
 %%% the node it connects to, before it proves anything; the acceptor for the name in the
 %%% "A" message, before it checks the proof. (macula_dist then holds the dist_util
 %%% handshake to that same name.)
+%%%
+%%% Any well-formed node name may authenticate (macula_dist_name): `Port@Host' nodes,
+%%% `Name@Host' nodes and client-only ones, such as OTP's dynamic `undefined@Host',
+%%% which then asks net_kernel for a name in dist_util's handshake. A refusal tells
+%%% the peer why, as an "x" message and then in its QUIC close code: 3 for a name this
+%%% node does not accept (checked before the proof, so it says nothing about the
+%%% cookie), 2 for a wrong proof or certificate; the reason phrase says more. The
+%%% message is stream data, which QUIC retransmits: a CONNECTION_CLOSE is sent once,
+%%% and if that datagram is lost the peer sees only a stateless reset. No atom is made
+%%% for a peer before its proof holds.
 -module(macula_dist_auth).
 
 -export([initiate/3, respond/2, bind_name/3]).
 
 -include_lib("kernel/include/logger.hrl").
+-include_lib("kernel/include/dist.hrl").
 
 -define(PROOF_LEN, 32).
+
+%% QUIC close codes of a refusal (macula_quic close_code).
+-define(NOT_AUTHENTICATED, 2).
+-define(BAD_NODE_NAME, 3).
+
+%% After the NIF reports the connection closed, the controller forwards the reason.
+-define(CLOSE_REASON_WAIT, 1000).
+
+%% How long a refusing acceptor waits for the peer to read its "x" message and close,
+%% before it closes the connection itself.
+-define(REFUSAL_LINGER, 500).
 
 %% @doc Proves the cookie to the node we connect to, then checks its answer.
 -spec initiate(macula_dist_nif:conn(), node(), node()) -> ok | {error, term()}.
@@ -34,14 +57,41 @@ initiate(Conn, MyNode, Node) ->
                        ok = unwrap(check_certificate_name(Conn, Node)),
                        Proof = unwrap(macula_dist_nif:auth_proof(Conn, Cookie, initiator, Name)),
                        ok = unwrap(macula_dist_nif:send_handshake(Conn, [$A, <<(byte_size(Name)):16>>, Name, Proof])),
-                       case unwrap(macula_dist_ctrl:recv_message(Conn)) of
+                       case unwrap(recv_answer(Conn)) of
                            <<$a, Answer:?PROOF_LEN/binary>> ->
                                check(macula_dist_nif:auth_verify(Conn, Cookie, acceptor, Name, Answer));
+                           <<$x, Code, Phrase/binary>> ->
+                               {error, {refused_by_peer, Code, printable(Phrase)}};
                            Other ->
                                {error, {malformed_auth_reply, byte_size(Other)}}
                        end
                end,
-    outcome(Conn, {node, Node}, run(Exchange)).
+    case outcome(Conn, {node, Node}, run(Exchange)) of
+        {error, {Tag, Code, Phrase}} when (Tag =:= peer_closed orelse Tag =:= refused_by_peer),
+                                          (Code =:= ?NOT_AUTHENTICATED orelse Code =:= ?BAD_NODE_NAME) ->
+            refused_by_peer(Node, MyNode, Code, Phrase);
+        Other ->
+            Other
+    end.
+
+%% A refusal arrives as the connection's close; the controller forwards its reason.
+recv_answer(Conn) ->
+    case macula_dist_ctrl:recv_message(Conn) of
+        {error, closed} ->
+            receive {macula_closed, Reason} -> {error, Reason}
+            after ?CLOSE_REASON_WAIT -> {error, closed}
+            end;
+        Other ->
+            Other
+    end.
+
+refused_by_peer(Node, _MyNode, ?NOT_AUTHENTICATED, Phrase) ->
+    ?LOG_WARNING("macula_dist: ~ts refused this node's cookie proof (different cookie?): ~ts",
+                 [Node, Phrase]),
+    {error, {refused, cookie_proof, Phrase}};
+refused_by_peer(Node, MyNode, ?BAD_NODE_NAME, Phrase) ->
+    ?LOG_WARNING("macula_dist: ~ts refused this node's name ~ts: ~ts", [Node, MyNode, Phrase]),
+    {error, {refused, node_name, Phrase}}.
 
 %% @doc Checks the connecting node's proof and answers it. Returns the name the peer
 %% proved the cookie for.
@@ -65,29 +115,42 @@ respond(Conn, PeerAddr) ->
 bind_name(Recv, Name, PeerAddr) ->
     fun(Socket, Length, Timeout) ->
             case Recv(Socket, Length, Timeout) of
-                {ok, [$N, _, _, _, _, _, _, _, _, _, _, _, _, L1, L0 | Rest]} = Ok ->
+                {ok, [$N, F7, F6, F5, F4, F3, F2, F1, F0, _, _, _, _, L1, L0 | Rest]} = Ok ->
+                    <<Flags:64>> = <<F7, F6, F5, F4, F3, F2, F1, F0>>,
                     NameLen = L1 * 256 + L0,
-                    case NameLen =< length(Rest)
-                        andalso list_to_binary(lists:sublist(Rest, NameLen)) =:= Name of
+                    Sent = NameLen =< length(Rest)
+                        andalso list_to_binary(lists:sublist(Rest, NameLen)),
+                    case Sent =:= handshake_name(Name, Flags) of
                         true ->
                             Ok;
                         false ->
-                            {Ip, Port} = PeerAddr,
-                            ?LOG_WARNING("macula_dist: refused connection from ~ts:~b: "
-                                         "authenticated as ~ts, handshake names another node",
-                                         [inet:ntoa(Ip), Port, Name]),
-                            {error, {node_name_differs_from_authenticated, Name}}
+                            Why = {node_name_differs_from_authenticated, Name},
+                            macula_dist_events:refused(from, Name, PeerAddr, Why),
+                            {error, Why}
                     end;
                 Other ->
                     Other
             end
     end.
 
+%% What a peer that authenticated as `Name' sends in dist_util's send_name: its name,
+%% or, for a dynamic name (`undefined@Host', flag NAME_ME), only its host.
+handshake_name(Name, Flags) when Flags band ?DFLAG_NAME_ME =/= 0 ->
+    case string:split(Name, <<"@">>) of
+        [<<"undefined">>, Host] -> Host;
+        _ -> not_dynamic
+    end;
+handshake_name(Name, _Flags) ->
+    Name.
+
+%% Atoms hold at most 255 characters: a longer name can never be a node's.
+respond(_Conn, Name, _Proof) when byte_size(Name) > 255 ->
+    {error, {bad_node_name, Name, "longer than 255 bytes"}};
 respond(Conn, Name, Proof) ->
-    case macula_dist_name:split(binary_to_list(Name)) of
-        false ->
-            {error, {bad_node_name, Name}};
-        _ ->
+    case macula_dist_name:parse(Name) of
+        {error, {bad_node_name, Why}} ->
+            {error, {bad_node_name, Name, Why}};
+        {ok, _} ->
             Cookie = cookie_for_name(Name),
             Checked = case check_certificate_name(Conn, Name) of
                           ok -> check(macula_dist_nif:auth_verify(Conn, Cookie, initiator, Name, Proof));
@@ -118,10 +181,8 @@ check_certificate_name(Conn, Node) ->
             end
     end.
 
-node_host(Node) when is_atom(Node) -> node_host(atom_to_list(Node));
-node_host(Node) when is_binary(Node) -> node_host(unicode:characters_to_list(Node));
 node_host(Node) ->
-    {_Port, Host} = macula_dist_name:split(Node),
+    {ok, Host} = macula_dist_name:host(Node),
     Host.
 
 run(Exchange) ->
@@ -141,18 +202,66 @@ outcome(Conn, Peer, {error, Why} = Error) ->
     end.
 
 refuse(Conn, Peer, Why) ->
-    ?LOG_WARNING("macula_dist: refused ~ts: ~tp", [describe(Peer), Why]),
-    macula_dist_nif:refuse(Conn, unicode:characters_to_binary(io_lib:format("~tp", [Why]))).
+    case Peer of
+        {node, Node} -> macula_dist_events:refused(to, Node, peer_address(Conn), Why);
+        {address, Address} -> macula_dist_events:refused(from, claimed_name(Why), Address, Why)
+    end,
+    {Kind, Phrase0} = refusal(Why),
+    Phrase = unicode:characters_to_binary(Phrase0),
+    case Peer of
+        {address, _} -> tell_refused(Conn, Kind, Phrase);
+        {node, _} -> ok
+    end,
+    macula_dist_nif:refuse(Conn, Kind, Phrase).
+
+%% The acceptor tells the peer in-band first (see the module doc) and gives it a moment
+%% to read that and close; the controller forwards the close.
+tell_refused(Conn, Kind, Phrase) ->
+    case macula_dist_nif:send_handshake(Conn, [$x, close_code(Kind), Phrase]) of
+        ok ->
+            receive {macula_closed, _} -> ok
+            after ?REFUSAL_LINGER -> ok
+            end;
+        {error, _} ->
+            ok
+    end.
+
+%% A peer's reason phrase is logged: only printable text, and not much of it.
+printable(Phrase) ->
+    Text = unicode:characters_to_list(binary:part(Phrase, 0, min(byte_size(Phrase), 200))),
+    case is_list(Text) andalso io_lib:printable_unicode_list(Text) of
+        true -> unicode:characters_to_binary(Text);
+        false -> <<"(unprintable reason)">>
+    end.
+
+close_code(not_authenticated) -> ?NOT_AUTHENTICATED;
+close_code(bad_node_name) -> ?BAD_NODE_NAME.
+
+%% The close code and reason phrase the refused peer gets: what it did wrong, never
+%% anything about this node's cookie.
+refusal({bad_node_name, _Name, Why}) ->
+    {bad_node_name, "bad node name: " ++ Why};
+refusal({Why, Name}) when is_binary(Name) ->
+    refusal(Why);
+refusal(wrong_cookie) ->
+    {not_authenticated, "wrong cookie"};
+refusal({certificate_does_not_cover_host, Host}) ->
+    {not_authenticated, io_lib:format("certificate does not cover host ~ts", [Host])};
+refusal(_Other) ->
+    {not_authenticated, "not authenticated"}.
 
 is_close_reason(Why) when is_atom(Why) -> lists:member(Why, [closed, connection_closed, net_tick_timeout]);
 is_close_reason({Tag, _}) -> lists:member(Tag, [protocol_violation, not_authenticated, transport_error]);
 is_close_reason({peer_closed, _, _}) -> true;
+is_close_reason({refused_by_peer, _, _}) -> true;  % it closes; we only stop
 is_close_reason(_) -> false.
 
-describe({node, Node}) ->
-    io_lib:format("connection to ~ts", [Node]);
-describe({address, {Ip, Port}}) ->
-    io_lib:format("connection from ~ts:~b", [inet:ntoa(Ip), Port]).
+peer_address(Conn) ->
+    maps:get(peer, macula_dist_nif:info(Conn)).
+
+%% The name an incoming peer claimed, as the refusal reason carries it.
+claimed_name({_Why, Name}) when is_binary(Name) -> Name;
+claimed_name(_Why) -> undefined.
 
 unwrap(ok) -> ok;
 unwrap({ok, Value}) -> Value;

@@ -5,6 +5,7 @@
 %%% <ul>
 %%% <li>`-macula_dist_opt Key Value [Key Value ...]' (may be repeated);</li>
 %%% <li>`-macula_dist_optfile Path': a file of Erlang terms `{Key, Value}.'</li>
+%%% <li>`-macula_dist_port N', the same as `-macula_dist_opt port N'.</li>
 %%% </ul>
 %%% plus the kernel parameters `net_ticktime', `net_setuptime' and
 %%% `inet_dist_use_interface'. A bad option stops the node at boot with a message
@@ -26,14 +27,20 @@
 
 %% The one table of options: name, default, and the check a value must pass.
 -define(OPTIONS,
-        [{stream_window, 8 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_window, 16 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_queue_limit, 4 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_batch, 1 bsl 20, {integer, 1024, 1 bsl 30}},
+        [%% 1: one ordered data stream (atom cache allowed); more: each sending process
+         %% keeps to one of that many streams, plus a priority stream.
+         {data_streams, 8, {integer, 1, 32}},
+         {stream_window, 8 bsl 20, {integer, 65536, 1 bsl 40}},
+         {send_window, 32 bsl 20, {integer, 65536, 1 bsl 40}},
+         {send_queue_limit, 8 bsl 20, {integer, 65536, 1 bsl 40}},
+         %% The most one send_data call frames on a scheduler thread.
+         {send_batch, 1 bsl 20, {integer, 1024, 8 bsl 20}},
          {max_packet, 1 bsl 30, {integer, 1024, (1 bsl 32) - 1}},
          %% Above 6500, ten GSO segments exceed the 64 KiB a UDP send may carry.
          {max_udp_payload, 6500, {integer, 1200, 6500}},
-         {delivery_credit, 8, {integer, 1, 1024}},
+         %% Received bytes handed to the input handler and not yet in the VM: how long
+         %% a small message may wait there behind other senders' bulk data.
+         {delivery_window, 2 bsl 20, {integer, 65536, 64 bsl 20}},
          {max_pending_handshakes, 64, {integer, 1, 100000}},
          {runtime_workers, 1, {integer, 1, 64}},
          {congestion, cubic, {one_of, [cubic, bbr, new_reno]}},
@@ -44,7 +51,10 @@
          {certfile, undefined, file},
          {keyfile, undefined, file},
          {cacertfile, undefined, file},
-         {verify_name, false, boolean}]).
+         {verify_name, false, boolean},
+         %% Nodes named Name@Host (see macula_dist_discovery).
+         {port, undefined, {integer, 1, 65535}},
+         {address_book, undefined, address_book}]).
 
 -define(PKI_FILES, [certfile, keyfile, cacertfile]).
 
@@ -57,7 +67,7 @@ defaults() ->
 -spec load() -> {ok, config()} | {error, {option, atom() | string(), term()}}.
 load() ->
     try
-        Pairs = file_options() ++ argument_options(),
+        Pairs = file_options() ++ argument_options() ++ port_argument(),
         parse(Pairs)
     catch
         throw:{bad_option, Error} -> {error, Error}
@@ -127,6 +137,12 @@ check(Key, file, Value) ->
     case io_lib:printable_unicode_list(Path) of
         true when Path =/= "" -> check_readable(Key, Path);
         _ -> bad(Key, {not_a_file_name, Value})
+    end;
+check(Key, address_book, Value) ->
+    Path = check(Key, file, Value),
+    case macula_dist_book:load(Path) of
+        {ok, _Book} -> Path;
+        {error, Why} -> bad(Key, {Path, Why})
     end.
 
 %% Reads the file once, so a missing, unreadable or directory path is reported here
@@ -165,6 +181,15 @@ bad(Key, Why) ->
 argument_options() ->
     case init:get_argument(macula_dist_opt) of
         {ok, Lists} -> lists:append([pairs(List) || List <- Lists]);
+        error -> []
+    end.
+
+%% The original project's vm.args option.
+port_argument() ->
+    case init:get_argument(macula_dist_port) of
+        {ok, [[Port]]} -> [{port, Port}];
+        {ok, [Values]} -> bad(macula_dist_port, {expected_one_port, Values});
+        {ok, Given} -> bad(macula_dist_port, {given_more_than_once, Given});
         error -> []
     end.
 
@@ -211,8 +236,8 @@ parse_forms(Path, Tokens) ->
 %% is present; PKI file names are binaries, empty in zero-configuration mode.
 -spec nif_options(config()) -> map().
 nif_options(Config) ->
-    Keys = [stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
-            delivery_credit, max_pending_handshakes, runtime_workers, congestion],
+    Keys = [data_streams, stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
+            delivery_window, max_pending_handshakes, runtime_workers, congestion],
     #{liveness_interval := Liveness} = Config,
     Files = maps:from_list([{Key, path_binary(maps:get(Key, Config, undefined))}
                             || Key <- ?PKI_FILES]),

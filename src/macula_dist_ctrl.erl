@@ -8,12 +8,14 @@
 %%% <li><b>Controller</b> (this module's start_linked/1 or start_unowned/1): the pid given
 %%%     to `erlang:setnode/3'. It drains `erlang:dist_ctrl_get_data/1' into the NIF and
 %%%     stops draining while the NIF's send queue is full, so the VM's busy-dist
-%%%     mechanism suspends senders. The NIF monitors it: when it dies, the QUIC
-%%%     connection is closed. Its exit reason is the nodedown reason.</li>
-%%% <li><b>Input handler</b>: the only caller of `erlang:dist_ctrl_put_data/2'. The NIF
-%%%     sends it `{macula_data, Packets}' messages only against credit it returns with
-%%%     `ack_data/1', so its mailbox stays bounded and QUIC flow control pushes back on
-%%%     the peer.</li>
+%%%     mechanism suspends senders. It also takes OTP's test hook
+%%%     `{send, From, Ref, IoData}' (one raw packet, answered `{Ref, ok}'). The NIF
+%%%     monitors it: when it dies, the QUIC connection is closed. Its exit reason is
+%%%     the nodedown reason.</li>
+%%% <li><b>Input handler</b>: the only caller of `erlang:dist_ctrl_put_data/2', for every
+%%%     data stream. The NIF sends it `{macula_data, Credit, Packets}' messages only
+%%%     against credit (bytes) it returns with `ack_data/2', so its mailbox stays bounded
+%%%     and QUIC flow control pushes back on the peer.</li>
 %%% </ul>
 %%% Links: owner - controller - input handler; any death takes the connection down.
 %%% Once the handshake is complete the controller traps exits only to hand the VM's
@@ -26,11 +28,9 @@
 -export([check_opts/1, get_opts/2]).
 
 -include_lib("kernel/include/net_address.hrl").
+-include_lib("kernel/include/dist.hrl").
 -include_lib("kernel/include/dist_util.hrl").
 -include_lib("kernel/include/logger.hrl").
-
-%% QUIC close code of a peer that refused our cookie proof (macula_quic close_code).
--define(NOT_AUTHENTICATED, 2).
 
 %% Off-heap mailboxes and eager full sweeps keep large binaries from lingering in
 %% long-lived connection processes (as gen_tcp_dist does).
@@ -47,12 +47,20 @@
 %% last packets into the VM.
 -define(FLUSH_TIMEOUT, 1000).
 
+%% A `{send, From, Ref, IoData}' request of the test hook (see inject/4).
+-define(IS_RAW_SEND(Msg),
+        (is_tuple(Msg) andalso tuple_size(Msg) =:= 4 andalso element(1, Msg) =:= send)).
+
 -record(ctrl, {conn :: macula_dist_nif:conn(),
                owner :: pid(),
                dhandle :: erlang:dist_handle() | undefined,
                input :: pid() | undefined,
                batch_limit :: pos_integer(),
                busy = false :: boolean(),
+               %% The raw-packet request whose packet filled the NIF's queue: answered
+               %% once the queue is writable again (see inject/4).
+               held_reply :: {pid(), reference()} | undefined,
+               up_since :: integer() | undefined,
                opts = #{} :: #{nodelay => boolean()}}).
 
 %%% ------------------------------------------------------------------------------------
@@ -97,9 +105,12 @@ await_owner() ->
     end.
 
 batch_limit() ->
+    config(send_batch).
+
+config(Key) ->
     case persistent_term:get({macula_dist, endpoint}, undefined) of
-        {_Endpoint, _Family, #{send_batch := Limit}} -> Limit;
-        _ -> maps:get(send_batch, macula_dist_config:defaults())
+        {_Endpoint, _Family, #{Key := Value}} -> Value;
+        _ -> maps:get(Key, macula_dist_config:defaults())
     end.
 
 %%% ------------------------------------------------------------------------------------
@@ -111,17 +122,27 @@ batch_limit() ->
 hs_data(Ctrl, Conn) ->
     #hs_data{socket = Ctrl,
              this_flags = 0,
+             reject_flags = reject_flags(),
              f_send = fun(_Ctrl, Message) -> macula_dist_nif:send_handshake(Conn, Message) end,
              f_recv = fun(_Ctrl, 0, infinity) -> recv_handshake(Conn) end,
              f_setopts_pre_nodeup = fun(_Ctrl) -> ok end,
              f_setopts_post_nodeup = fun(_Ctrl) -> ok end,
              f_getll = fun(C) -> {ok, C} end,
              f_address = fun(_Ctrl, Node) -> net_address(Conn, Node) end,
-             f_handshake_complete = fun(C, _Node, DHandle) -> call(C, {handshake_complete, DHandle}) end,
+             f_handshake_complete = fun(C, Node, DHandle) -> call(C, {handshake_complete, Node, DHandle}) end,
              mf_tick = fun(_Ctrl) -> macula_dist_nif:tick(Conn) end,
              mf_getstat = fun(_Ctrl) -> getstat(Conn) end,
              mf_setopts = fun(C, Opts) -> call(C, {setopts, Opts}) end,
              mf_getopts = fun(C, Opts) -> call(C, {getopts, Opts}) end}.
+
+%% Several data streams carry packets of different senders in parallel, so every packet
+%% must stand alone: no atom cache (its entries would be defined on one stream and used
+%% on another) and no fragments (dist_util:strict_order_flags/0 and CARRIER-NOTES 3.8).
+reject_flags() ->
+    case config(data_streams) of
+        1 -> 0;
+        _ -> ?DFLAG_DIST_HDR_ATOM_CACHE bor ?DFLAG_FRAGMENTS
+    end.
 
 %% dist_util wants one whole handshake message, as a list.
 recv_handshake(Conn) ->
@@ -154,12 +175,12 @@ getstat(Conn) ->
     {ok, Received, Sent, Pending}.
 
 net_address(Conn, Node) ->
-    case macula_dist_name:split(Node) of
-        {_Port, Host} ->
+    case macula_dist_name:host(Node) of
+        {ok, Host} ->
             #{peer := {Ip, _} = Peer} = macula_dist_nif:info(Conn),
             #net_address{address = Peer, host = Host, protocol = quic,
                          family = case tuple_size(Ip) of 4 -> inet; 8 -> inet6 end};
-        false ->
+        {error, _} ->
             ?shutdown(Node)
     end.
 
@@ -172,6 +193,20 @@ call(Ctrl, Request) ->
             Reply;
         {'DOWN', Ref, process, Ctrl, Reason} ->
             exit(Reason)
+    end.
+
+%% What the NIF knows (addresses, TLS, path, QUIC counters) and what the VM counts:
+%% `dist_in'/`dist_out' are erlang:dist_get_stat/1's packets put into and taken out of
+%% the VM for this connection.
+connection_info(#ctrl{conn = Conn, dhandle = undefined, busy = Busy}) ->
+    (macula_dist_nif:info(Conn))#{send_blocked => Busy};
+connection_info(#ctrl{conn = Conn, dhandle = DHandle, up_since = Since, busy = Busy}) ->
+    Info = (macula_dist_nif:info(Conn))#{uptime_ms => erlang:monotonic_time(millisecond) - Since,
+                                         send_blocked => Busy},
+    try erlang:dist_get_stat(DHandle) of
+        {ok, In, Out, _Pending} -> Info#{dist_in => In, dist_out => Out}
+    catch
+        error:badarg -> Info  % the VM has already taken the connection down
     end.
 
 %% @doc Information about the connection `Ctrl' controls.
@@ -189,8 +224,9 @@ info(Ctrl) ->
 
 handshaking(S) ->
     receive
-        {From, Ref, {handshake_complete, DHandle}} ->
+        {From, Ref, {handshake_complete, Node, DHandle}} ->
             S1 = complete_handshake(S, DHandle),
+            announce_up(S1, Node),
             From ! {Ref, ok},
             %% Max priority was for the handshake; data runs at normal priority.
             process_flag(priority, normal),
@@ -199,11 +235,9 @@ handshaking(S) ->
             process_flag(trap_exit, true),
             ok = erlang:dist_ctrl_get_data_notification(DHandle),
             loop(S1);
-        {macula_closed, {peer_closed, ?NOT_AUTHENTICATED, _} = Reason} ->
-            ?LOG_WARNING("macula_dist: the peer refused this node's cookie proof (different cookie?)"),
-            exit(Reason);
         {macula_closed, Reason} ->
-            %% The owner decides: in f_recv it fails the handshake, but after a `nok'
+            %% The owner decides: a refusal of its cookie proof or name is reported by
+            %% macula_dist_auth; in f_recv it fails the handshake, but after a `nok'
             %% status dist_util waits to be killed by net_kernel (simultaneous connect),
             %% and dying now would turn the winning connection into a failed connect.
             S#ctrl.owner ! {macula_closed, Reason},
@@ -221,30 +255,79 @@ complete_handshake(#ctrl{conn = Conn} = S, DHandle) ->
         ok -> ok;
         {error, closed} -> await_close()
     end,
-    S#ctrl{dhandle = DHandle, input = Input}.
+    S#ctrl{dhandle = DHandle, input = Input, up_since = erlang:monotonic_time(millisecond)}.
 
-loop(S) ->
+%% The `up' event, and a watcher for the `down' one.
+announce_up(#ctrl{conn = Conn}, Node) ->
+    #{peer := Address, initiator := Initiator} = macula_dist_nif:info(Conn),
+    macula_dist_events:up(Node, Address, Initiator),
+    macula_dist_events:watch(self(), Node, Address).
+
+%% While the NIF's queue is full (busy) the controller neither drains nor takes raw
+%% packets: they stay in the mailbox, each sender blocked on its reply, so nothing
+%% queues up in the controller. A `dist_data' notification is not needed then, the
+%% drain after `macula_writable' empties the VM's queue.
+loop(#ctrl{busy = false} = S) ->
     receive
         dist_data ->
             loop(drain(S));
+        {send, From, Ref, IoData} ->
+            loop(inject(S, From, Ref, IoData));
         macula_writable ->
-            loop(drain(S#ctrl{busy = false}));
-        {'EXIT', _From, normal} ->
-            loop(S);
-        {'EXIT', _From, Reason} ->
-            flush_output(S),
-            exit(Reason);
-        {macula_closed, Reason} ->
-            %% The peer's last packets may still wait in the input handler's mailbox
-            %% (they were delivered before the close was reported): like TCP's data
-            %% before FIN, they reach the VM before the nodedown.
-            flush_input(S#ctrl.input),
-            exit(Reason);
+            loop(drain(S));
         Other ->
+            loop(handle_common(Other, S))
+    end;
+loop(#ctrl{busy = true} = S) ->
+    receive
+        macula_writable ->
+            loop(drain_all(release_held_reply(S#ctrl{busy = false})));
+        dist_data ->
+            loop(S);
+        Other when not ?IS_RAW_SEND(Other) ->
             loop(handle_common(Other, S))
     end.
 
-handle_common({macula_closed, Reason}, _S) ->
+%% OTP's carrier test hook (gen_tcp_dist and inet_tls_dist's tls_sender have it):
+%% `IoData' goes out as one distribution packet, on the data path, in order with what
+%% the controller drains, and `{Ref, ok}' answers once the NIF has it. If that fills
+%% the NIF's queue the answer waits for `macula_writable', so the sender stays blocked
+%% on a busy connection as it would on a busy socket.
+inject(S, From, Ref, IoData) ->
+    case is_iodata(IoData) andalso send_raw(S, IoData) of
+        ok ->
+            From ! {Ref, ok},
+            S;
+        busy ->
+            S#ctrl{busy = true, held_reply = {From, Ref}};
+        false ->
+            From ! {Ref, {error, not_iodata}},
+            S
+    end.
+
+is_iodata(Term) ->
+    try iolist_size(Term) of
+        _ -> true
+    catch
+        error:badarg -> false
+    end.
+
+release_held_reply(#ctrl{held_reply = {From, Ref}} = S) ->
+    From ! {Ref, ok},
+    S#ctrl{held_reply = undefined};
+release_held_reply(S) ->
+    S.
+
+handle_common({macula_closed, Reason}, S) ->
+    %% The peer's last packets may still wait in the input handler's mailbox (they were
+    %% delivered before the close was reported): like TCP's data before FIN, they reach
+    %% the VM before the nodedown.
+    flush_input(S#ctrl.input),
+    exit(Reason);
+handle_common({'EXIT', _From, normal}, S) ->
+    S;
+handle_common({'EXIT', _From, Reason}, S) ->
+    flush_output(S),
     exit(Reason);
 handle_common({From, Ref, {setopts, Opts}}, S) ->
     case check_opts(Opts) of
@@ -258,26 +341,38 @@ handle_common({From, Ref, {setopts, Opts}}, S) ->
 handle_common({From, Ref, {getopts, Opts}}, S) ->
     From ! {Ref, get_opts(Opts, S#ctrl.opts)},
     S;
-handle_common({From, Ref, info}, #ctrl{conn = Conn} = S) ->
-    From ! {Ref, macula_dist_nif:info(Conn)},
+handle_common({From, Ref, info}, S) ->
+    From ! {Ref, connection_info(S)},
     S;
-handle_common(_Stray, S) ->
+handle_common(Stray, S) ->
+    ?LOG_DEBUG("macula_dist: controller ~p dropped an unexpected message: ~0P",
+               [self(), Stray, 20]),
     S.
 
 %% Moves queued packets to the NIF in batches of up to `batch_limit' bytes. Stops when
 %% the VM's queue is empty (and re-arms the notification) or the NIF says busy (and
-%% waits for macula_writable, leaving the rest in the VM's queue).
-drain(#ctrl{busy = true} = S) ->
-    S;
+%% waits for macula_writable, leaving the rest in the VM's queue, whose senders the VM
+%% then suspends).
+%%
+%% The VM's queue is one FIFO for every sender and a suspended sender only gets in when
+%% the queue has fallen below the busy limit. So when the NIF has room again the
+%% controller empties the VM's queue (up to `Allowance' bytes past the NIF's limit,
+%% twice the VM's busy limit): every suspended sender is resumed and a small message
+%% queued behind a bulk transfer goes out on its own stream at once, instead of losing
+%% the race for the queue to the bulk sender time after time.
 drain(S) ->
-    drain(S, [], 0).
+    drain(S, [], 0, 0).
 
-drain(#ctrl{batch_limit = Limit} = S, Batch, Size) when Size >= Limit ->
+drain_all(S) ->
+    drain(S, [], 0, 2 * erlang:system_info(dist_buf_busy_limit)).
+
+drain(#ctrl{batch_limit = Limit} = S, Batch, Size, Allowance) when Size >= Limit ->
     case push(S, Batch) of
-        ok -> drain(S, [], 0);
+        ok -> drain(S, [], 0, Allowance);
+        busy when Allowance > Size -> drain(S, [], 0, Allowance - Size);
         busy -> S#ctrl{busy = true}
     end;
-drain(#ctrl{dhandle = DHandle} = S, Batch, Size) ->
+drain(#ctrl{dhandle = DHandle} = S, Batch, Size, Allowance) ->
     case erlang:dist_ctrl_get_data(DHandle) of
         none ->
             case push(S, Batch) of
@@ -288,18 +383,23 @@ drain(#ctrl{dhandle = DHandle} = S, Batch, Size) ->
                     S#ctrl{busy = true}
             end;
         {PacketSize, Packet} ->
-            drain(S, [Packet | Batch], Size + PacketSize)
+            drain(S, [Packet | Batch], Size + PacketSize, Allowance)
     end.
 
 push(_S, []) ->
     ok;
 push(#ctrl{conn = Conn}, Batch) ->
-    case macula_dist_nif:send_data(Conn, lists:reverse(Batch)) of
-        ok -> ok;
-        busy -> busy;
-        {error, closed} -> await_close();
-        {error, Reason} -> exit({send_failed, Reason})
-    end.
+    sent(macula_dist_nif:send_data(Conn, lists:reverse(Batch))).
+
+%% A raw packet from the test hook: one packet on the data path, on the fixed data
+%% stream whatever it says (its control message may be garbage on purpose).
+send_raw(#ctrl{conn = Conn}, IoData) ->
+    sent(macula_dist_nif:send_unrouted(Conn, [IoData])).
+
+sent(ok) -> ok;
+sent(busy) -> busy;
+sent({error, closed}) -> await_close();
+sent({error, Reason}) -> exit({send_failed, Reason}).
 
 %% Told to go (erlang:disconnect_node/1, a linked process died): hand everything the
 %% VM has queued to the NIF, whatever its queue limit (the VM's queue is bounded by
@@ -318,6 +418,8 @@ take_all(DHandle, Acc) ->
         {_Size, Packet} -> take_all(DHandle, [Packet | Acc])
     end.
 
+flush_input(undefined) ->
+    ok;
 flush_input(Input) ->
     Ref = erlang:monitor(process, Input),
     Input ! {flush, self(), Ref},
@@ -370,29 +472,43 @@ input_init(Conn) ->
         {dist_handle, DHandle} -> input_loop(Conn, DHandle)
     end.
 
+%% Batches of the priority stream go first; order only matters within a stream, and
+%% each stream's batches arrive in order.
 input_loop(Conn, DHandle) ->
     receive
-        {macula_data, Packets} ->
-            put_packets(DHandle, Packets),
-            ok = macula_dist_nif:ack_data(Conn),
-            input_loop(Conn, DHandle);
-        {flush, From, Ref} ->
-            %% Everything the NIF delivered before the close is in the VM now.
-            From ! {Ref, flushed},
-            input_loop(Conn, DHandle)
+        {macula_data, {priority, _} = Credit, Packets} ->
+            input(Conn, DHandle, Credit, Packets)
+    after 0 ->
+            receive
+                {macula_data, Credit, Packets} ->
+                    input(Conn, DHandle, Credit, Packets);
+                {flush, From, Ref} ->
+                    %% Everything the NIF delivered before the close is in the VM now.
+                    From ! {Ref, flushed},
+                    input_loop(Conn, DHandle)
+            end
     end.
 
+input(Conn, DHandle, Credit, Packets) ->
+    put_packets(DHandle, Packets),
+    ok = macula_dist_nif:ack_data(Conn, Credit),
+    input_loop(Conn, DHandle).
+
+%% A packet the VM rejects does not make put_data fail: the VM kills the controller
+%% (nodedown reason `killed') and this process dies with it through the link. put_data
+%% raises only on a handle whose connection is already going down; the death comes
+%% then too, and should it not, the exit names the error instead of a made-up reason.
 put_packets(DHandle, [Packet | Packets]) ->
     try erlang:dist_ctrl_put_data(DHandle, Packet) of
         ok -> put_packets(DHandle, Packets)
     catch
-        error:_ -> death_row()
+        error:Reason -> death_row({dist_ctrl_put_data, Reason})
     end;
 put_packets(_DHandle, []) ->
     ok.
 
--spec death_row() -> no_return().
-death_row() ->
+-spec death_row(term()) -> no_return().
+death_row(Reason) ->
     receive
-    after ?DEATH_ROW_TIMEOUT -> exit(connection_closed)
+    after ?DEATH_ROW_TIMEOUT -> exit(Reason)
     end.

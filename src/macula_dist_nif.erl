@@ -9,7 +9,8 @@
 %%% <li>`{macula_incoming, Conn, PeerAddr}', `{macula_refused, PeerAddr, Why}' to the acceptor;</li>
 %%% <li>`{macula_connect, {ok, Conn} | {error, {Kind, Message}}}' to the caller of connect/4;</li>
 %%% <li>`{macula_handshake, Binary}' to the caller of recv_handshake/1;</li>
-%%% <li>`{macula_data, [Packet]}' to the input handler given to activate/2;</li>
+%%% <li>`{macula_data, Credit, [Packet]}' to the input handler given to activate/2
+%%%     (Credit goes back with ack_data/2);</li>
 %%% <li>`macula_writable' and `{macula_closed, Reason}' to the connection's owner;</li>
 %%% <li>`macula_endpoint_closed' to the caller of close_endpoint/1.</li>
 %%% </ul>
@@ -18,12 +19,15 @@
 -export([load/0]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
 -export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
-         peer_cert_covers/2, refuse/2, activate/2, ack_data/1, send_data/2, tick/1, stats/1, close/1, info/1]).
+         peer_cert_covers/2, refuse/3, activate/2, ack_data/2, send_data/2, send_unrouted/2,
+         tick/1, stats/1, close/1, info/1]).
+-export([set_priority/3]).
 
--export_type([endpoint/0, conn/0, close_reason/0]).
+-export_type([endpoint/0, conn/0, close_reason/0, credit/0]).
 
 -type endpoint() :: reference().
 -type conn() :: reference().
+-type credit() :: {normal | priority, non_neg_integer()}.
 -type error_kind() :: bind | tls | resolve | connect | unreachable.
 -type close_reason() :: connection_closed | net_tick_timeout | closed
                       | {peer_closed, non_neg_integer(), binary()}
@@ -53,6 +57,9 @@ priv_dir() ->
 
 %%% Endpoint
 
+%% How long listen/3 and rebind/3 wait for the runtime thread that binds the socket.
+-define(BIND_TIMEOUT, 10000).
+
 %% Binds the node's UDP endpoint (on a runtime thread; this waits for the answer).
 -spec listen(inet:ip_address(), inet:port_number(), map()) ->
           {ok, endpoint()} | {error, {error_kind(), binary()}}.
@@ -60,6 +67,8 @@ listen(Ip, Port, Options) ->
     ok = start_listen(Ip, Port, Options),
     receive
         {macula_listen, Result} -> Result
+    after ?BIND_TIMEOUT ->
+            {error, {bind, <<"the runtime thread did not answer">>}}
     end.
 
 start_listen(_Ip, _Port, _Options) -> ?NOT_LOADED.
@@ -76,8 +85,17 @@ connect(_Endpoint, _Host, _Port, _Owner) -> ?NOT_LOADED.
 -spec close_endpoint(endpoint()) -> ok.
 close_endpoint(_Endpoint) -> ?NOT_LOADED.
 
+%% Moves the endpoint to a new UDP socket (bound on a runtime thread; this waits).
 -spec rebind(endpoint(), inet:ip_address(), inet:port_number()) -> ok | {error, {bind, binary()}}.
-rebind(_Endpoint, _Ip, _Port) -> ?NOT_LOADED.
+rebind(Endpoint, Ip, Port) ->
+    ok = start_rebind(Endpoint, Ip, Port),
+    receive
+        {macula_rebind, Result} -> Result
+    after ?BIND_TIMEOUT ->
+            {error, {bind, <<"the runtime thread did not answer">>}}
+    end.
+
+start_rebind(_Endpoint, _Ip, _Port) -> ?NOT_LOADED.
 
 %%% Connection
 
@@ -108,18 +126,32 @@ auth_verify(_Conn, _Cookie, _Role, _NodeName, _Proof) -> ?NOT_LOADED.
           boolean() | {error, no_peer_certificate | {tls, binary()}}.
 peer_cert_covers(_Conn, _Host) -> ?NOT_LOADED.
 
-%% Closes a connection whose peer failed to authenticate; it sees close code 2.
--spec refuse(conn(), binary()) -> ok.
-refuse(_Conn, _Why) -> ?NOT_LOADED.
+%% Closes a connection whose peer failed to authenticate; it sees close code 2
+%% (`not_authenticated') or 3 (`bad_node_name') and the reason phrase `Why'.
+-spec refuse(conn(), not_authenticated | bad_node_name, binary()) -> ok.
+refuse(_Conn, _Kind, _Why) -> ?NOT_LOADED.
 
 -spec activate(conn(), pid()) -> ok | {error, closed}.
 activate(_Conn, _InputHandler) -> ?NOT_LOADED.
 
--spec ack_data(conn()) -> ok.
-ack_data(_Conn) -> ?NOT_LOADED.
+%% Returns the credit of a `{macula_data, Credit, Packets}' message.
+-spec ack_data(conn(), credit()) -> ok.
+ack_data(_Conn, _Credit) -> ?NOT_LOADED.
 
+%% Each packet goes on its sender's data stream (one stream in single-stream mode).
 -spec send_data(conn(), [iodata()]) -> ok | busy | {error, closed | too_large}.
 send_data(_Conn, _Packets) -> ?NOT_LOADED.
+
+%% As send_data/2, but on the fixed data stream whatever the packets say.
+-spec send_unrouted(conn(), [iodata()]) -> ok | busy | {error, closed | too_large}.
+send_unrouted(_Conn, _Packets) -> ?NOT_LOADED.
+
+%%% Node-wide
+
+%% Marks (`true') or unmarks a local process for the priority data stream;
+%% `External' is term_to_binary(Pid).
+-spec set_priority(pid(), binary(), boolean()) -> ok.
+set_priority(_Pid, _External, _On) -> ?NOT_LOADED.
 
 -spec tick(conn()) -> ok.
 tick(_Conn) -> ?NOT_LOADED.

@@ -3,7 +3,7 @@
 %%%
 %%% As in macula_dist_SUITE, this test node is NOT distributed: every case starts its
 %%% own OS-level nodes `Port@127.0.0.1' with OTP 25 `peer' over a TCP control connection
-%%% (macula_test_peer) and stops them in end_per_testcase whatever happened. Each case
+%%% (macula_test_peer) and stops them after the case whatever happened (macula_ct_hook). Each case
 %%% has its own block of 10 UDP ports.
 %%%
 %%% The load: node A runs ?SENDERS sender processes, each sending fresh 64 KiB binaries
@@ -48,8 +48,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0, end_per_testcase/2]).
 -export([frozen_receiver/1, slow_receiver/1, stalled_input_handler/1]).
 
 -define(P, macula_test_peer).
@@ -64,9 +63,13 @@
 %% stalled_input_handler: the same for B while its input handler is stalled (QUIC may
 %% buffer a stream window, 8 MiB, and the NIF a pending delivery for it).
 -define(STALL_GROWTH_LIMIT_KIB, 32768).
-%% Largest message queue accepted for the connection's processes (delivery credit is 8).
+%% Largest message queue accepted for the controller and the owner.
 -define(QUEUE_LIMIT, 16).
--define(DELIVERY_CREDIT, 8).
+%% The input handler holds at most 16 batches from each credit pool (normal, priority).
+-define(INPUT_QUEUE_LIMIT, 32).
+%% Bytes of delivered batches the input handler may hold (delivery_window, 2 MiB by
+%% default, plus the priority stream's 256 KiB).
+-define(DELIVERY_WINDOW, (2 bsl 20 + 256 bsl 10)).
 %% slow_receiver: the receiver acks every ?ACK_EVERY messages; a sender keeps at most
 %% ?WINDOW messages unacknowledged.
 -define(ACK_EVERY, 8).
@@ -80,46 +83,20 @@
 -define(QSAMPLER, macula_bp_qsampler).
 -define(STALLER, macula_bp_staller).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
-    [{timetrap, {seconds, 120}}].
+    [{timetrap, {seconds, 120}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [frozen_receiver, slow_receiver, stalled_input_handler].
 
-%% The nodes run a copy of the build (see macula_test_peer:snapshot/1).
-init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    ct:pal("nodes run the copy in: ~ts", [filename:dirname(Snapshot)]),
-    Base = ?P:port_base(10 * (length(all()) + 1), ?PORT_RANGE),
-    ct:pal("UDP ports of this run: ~b..~b", [Base, Base + 10 * (length(all()) + 1) - 1]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + 10 * index(Case, all())} | Config].
-
-%% A node left frozen by a failed case is woken first, so it can be stopped normally.
+%% A node left frozen by a failed case is woken first, so that macula_ct_hook can stop
+%% it normally.
 end_per_testcase(_Case, _Config) ->
     case persistent_term:get({?MODULE, frozen}, undefined) of
         undefined -> ok;
         OsPid -> sigcont(OsPid), persistent_term:erase({?MODULE, frozen})
-    end,
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
+    end.
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases
@@ -137,23 +114,10 @@ frozen_receiver(Config) ->
     FreezeS = freeze_seconds(),
     %% Generous: after SIGCONT the senders have been seen to stand still for 60 s.
     ct:timetrap({seconds, FreezeS + 300}),
-    Args = ["-kernel", "net_ticktime", "120"],
-    [A, B] = start_nodes(Config, 2, Args),
-    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
+    #{a := A, b := B, nb := NB, procs_a := ProcsA, receiver := Receiver, t0 := T0} = Rig =
+        start_rig(Config, ["-kernel", "net_ticktime", "120"], #{delay_ms => 0, ack_every => 0},
+                  #{busymon => true, rss => [a]}),
     [?assertEqual(120, ?P:call(N, net_kernel, get_net_ticktime, [])) || N <- [A, B]],
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:wait_nodes(B, [NA]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    ok = ?P:call(B, ?P, watch_start, []),
-    ProcsA = conn_procs(A, NB),
-    ProcsB = conn_procs(B, NA),
-    Receiver = start_receiver(B, #{delay_ms => 0, ack_every => 0}),
-    ok = ?P:run(A, fun() -> start_busymon() end),
-    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
-    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
-    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
-    Rss = start_rss_sampler([{a, ?P:os_pid(A)}]),
-    T0 = now_ms(),
     timer:sleep(1500),
     %% Load.
     probe_phase(A, flowing),
@@ -190,17 +154,9 @@ frozen_receiver(Config) ->
     probe_phase(A, recovered),
     %% Let it flow again, then stop the senders and wait for everything to arrive.
     timer:sleep(1000),
-    Sent = stop_load(A),
-    TStop = now_ms(),
-    Received = await_received(B, Sent, 60000),
-    TDone = now_ms(),
-    Samples = stop_rss_sampler(Rss),
-    Probes = probe_report(A),
-    BusyEvents = busymon_report(A),
-    QueuesA = qsampler_report(A),
-    QueuesB = qsampler_report(B),
-    EventsA = ?P:call(A, ?P, watch_events, []),
-    EventsB = ?P:call(B, ?P, watch_events, []),
+    #{sent := Sent, t_stop := TStop, received := Received, t_done := TDone, samples := Samples,
+      probes := Probes, busy_events := BusyEvents, queues_a := QueuesA, queues_b := QueuesB,
+      events_a := EventsA, events_b := EventsB} = finish_rig(Rig, 60000),
     CtrlAfter = conn_ctrl(A, NB),
     %% The numbers.
     Idle = rss_max(Samples, a, T0, TLoad),
@@ -273,36 +229,17 @@ frozen_receiver(Config) ->
 %% processes stay small on both nodes for 10 s of sending, and every message arrives
 %% in order.
 slow_receiver(Config) ->
-    [A, B] = start_nodes(Config, 2, []),
-    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:wait_nodes(B, [NA]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    ok = ?P:call(B, ?P, watch_start, []),
-    ProcsA = conn_procs(A, NB),
-    ProcsB = conn_procs(B, NA),
-    Receiver = start_receiver(B, #{delay_ms => 1, ack_every => ?ACK_EVERY}),
-    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
-    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
-    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
-    Rss = start_rss_sampler([{a, ?P:os_pid(A)}, {b, ?P:os_pid(B)}]),
-    T0 = now_ms(),
+    #{a := A, receiver := Receiver, t0 := T0} = Rig =
+        start_rig(Config, [], #{delay_ms => 1, ack_every => ?ACK_EVERY}, #{rss => [a, b]}),
     timer:sleep(1000),
     probe_phase(A, sending),
     TLoad = now_ms(),
     ok = ?P:run(A, fun() -> start_load(Receiver, ?SENDERS, ?WINDOW) end),
     timer:sleep(10000),
     probe_phase(A, stopped),
-    Sent = stop_load(A),
-    TStop = now_ms(),
-    Received = await_received(B, Sent, 30000),
-    TDone = now_ms(),
-    Samples = stop_rss_sampler(Rss),
-    Probes = probe_report(A),
-    QueuesA = qsampler_report(A),
-    QueuesB = qsampler_report(B),
-    EventsA = ?P:call(A, ?P, watch_events, []),
-    EventsB = ?P:call(B, ?P, watch_events, []),
+    #{sent := Sent, t_stop := TStop, received := Received, t_done := TDone, samples := Samples,
+      probes := Probes, queues_a := QueuesA, queues_b := QueuesB,
+      events_a := EventsA, events_b := EventsB} = finish_rig(Rig, 30000),
     [IdleA, IdleB] = [rss_max(Samples, N, T0, TLoad) || N <- [a, b]],
     [MaxA, MaxB] = [rss_max(Samples, N, TLoad, TDone) || N <- [a, b]],
     ct:pal("slow_receiver: 10 s of sending, receiver sleeps 1 ms per message, window ~b, ack every ~b~n"
@@ -347,21 +284,9 @@ stalled_input_handler(Config) ->
                    "" -> "120";
                    T -> T
                end,
-    [A, B] = start_nodes(Config, 2, ["-kernel", "net_ticktime", TickTime]),
-    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:wait_nodes(B, [NA]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    ok = ?P:call(B, ?P, watch_start, []),
-    ProcsA = conn_procs(A, NB),
-    ProcsB = conn_procs(B, NA),
-    Receiver = start_receiver(B, #{delay_ms => 0, ack_every => 0}),
-    ok = ?P:run(A, fun() -> start_busymon() end),
-    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
-    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
-    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
-    Rss = start_rss_sampler([{a, ?P:os_pid(A)}, {b, ?P:os_pid(B)}]),
-    T0 = now_ms(),
+    #{a := A, b := B, procs_b := ProcsB, receiver := Receiver, t0 := T0} = Rig =
+        start_rig(Config, ["-kernel", "net_ticktime", TickTime], #{delay_ms => 0, ack_every => 0},
+                  #{busymon => true, rss => [a, b]}),
     timer:sleep(1500),
     TLoad = now_ms(),
     probe_phase(A, flowing),
@@ -380,20 +305,14 @@ stalled_input_handler(Config) ->
     CountsEnd = load_counts(A),
     probe_phase(A, resumed),
     InputQueueEnd = ?P:call(B, erlang, process_info, [Input, message_queue_len]),
+    {messages, Held} = ?P:call(B, erlang, process_info, [Input, messages]),
+    HeldCredit = lists:sum([Bytes || {macula_data, {_, Bytes}, _} <- Held]),
     TResume = now_ms(),
     Resumed = ?P:run(B, fun() -> stop_staller() end),
     timer:sleep(1500),
-    Sent = stop_load(A),
-    TStop = now_ms(),
-    Received = await_received(B, Sent, 60000),
-    TDone = now_ms(),
-    Samples = stop_rss_sampler(Rss),
-    Probes = probe_report(A),
-    BusyEvents = busymon_report(A),
-    QueuesA = qsampler_report(A),
-    QueuesB = qsampler_report(B),
-    EventsA = ?P:call(A, ?P, watch_events, []),
-    EventsB = ?P:call(B, ?P, watch_events, []),
+    #{sent := Sent, t_stop := TStop, received := Received, t_done := TDone, samples := Samples,
+      probes := Probes, busy_events := BusyEvents, queues_a := QueuesA, queues_b := QueuesB,
+      events_a := EventsA, events_b := EventsB} = finish_rig(Rig, 60000),
     [IdleA, IdleB] = [rss_max(Samples, N, T0, TLoad) || N <- [a, b]],
     [StalledA, StalledB] = [rss_max(Samples, N, TStall, TResume) || N <- [a, b]],
     %% What the stall adds: the most while stalled over the last sample before it.
@@ -424,8 +343,7 @@ stalled_input_handler(Config) ->
     ?assert(GrowthA =< ?RSS_LIMIT_KIB, {rss_growth_kib_a, GrowthA}),
     ?assert(GrowthB =< ?STALL_GROWTH_LIMIT_KIB, {rss_growth_kib_b, GrowthB}),
     %% The NIF delivered against credit only.
-    {message_queue_len, InputQueue} = InputQueueEnd,
-    ?assert(InputQueue =< ?DELIVERY_CREDIT, {input_queue, InputQueue}),
+    ?assert(HeldCredit =< ?DELIVERY_WINDOW, {input_handler_holds, HeldCredit, bytes}),
     assert_queues(QueuesA),
     assert_queues(QueuesB),
     %% Backpressure reached A's senders.
@@ -437,13 +355,58 @@ stalled_input_handler(Config) ->
     assert_received(Sent, Received),
     {comment, format("stalled ~b ms; RSS A: idle ~b MiB, stalled max ~b MiB, growth while stalled"
                      " ~.1f MiB; B: idle ~b MiB, stalled max ~b MiB, growth while stalled ~.1f MiB;"
-                     " input queue ~w; ~b msgs sent, all received in order; ~b busy_dist_port events",
+                     " input handler holds ~b bytes; ~b msgs sent, all received in order;"
+                     " ~b busy_dist_port events",
                      [StallMs, IdleA div 1024, StalledA div 1024, GrowthA / 1024,
-                      IdleB div 1024, StalledB div 1024, GrowthB / 1024, InputQueue,
+                      IdleB div 1024, StalledB div 1024, GrowthB / 1024, HeldCredit,
                       total(Sent), maps:get(count, BusyEvents)])}.
 
 format(Format, Args) ->
     lists:flatten(io_lib:format(Format, Args)).
+
+%% What every case sets up: nodes A and B (with `Args') connected, node watchers on
+%% both, a receiver on B (`ReceiverOpts'), on A the `[nosuspend]' probe (and the
+%% busy_dist_port monitor with `busymon'), queue samplers of the connection's processes
+%% on both, and an RSS sampler of the nodes in `rss' ([a] or [a, b]).
+start_rig(Config, Args, ReceiverOpts, Opts) ->
+    [A, B] = start_nodes(Config, 2, Args),
+    {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
+    pong = ?P:call(A, net_adm, ping, [NB]),
+    ok = ?P:wait_nodes(B, [NA]),
+    ok = ?P:call(A, ?P, watch_start, []),
+    ok = ?P:call(B, ?P, watch_start, []),
+    ProcsA = conn_procs(A, NB),
+    ProcsB = conn_procs(B, NA),
+    Receiver = start_receiver(B, ReceiverOpts),
+    Busymon = maps:get(busymon, Opts, false),
+    case Busymon of
+        true -> ok = ?P:run(A, fun() -> start_busymon() end);
+        false -> ok
+    end,
+    ok = ?P:run(A, fun() -> start_probe(Receiver) end),
+    ok = ?P:run(A, fun() -> start_qsampler(ProcsA) end),
+    ok = ?P:run(B, fun() -> start_qsampler(ProcsB#{receiver => Receiver}) end),
+    Rss = start_rss_sampler([{Label, ?P:os_pid(N)} || {Label, N} <- [{a, A}, {b, B}],
+                                                     lists:member(Label, maps:get(rss, Opts))]),
+    #{a => A, b => B, nb => NB, procs_a => ProcsA, procs_b => ProcsB, receiver => Receiver,
+      busymon => Busymon, rss => Rss, t0 => now_ms()}.
+
+%% Stops A's senders, waits up to `WaitMs' for all they sent to arrive, and collects
+%% what the rig recorded.
+finish_rig(#{a := A, b := B, busymon := Busymon, rss := Rss}, WaitMs) ->
+    Sent = stop_load(A),
+    TStop = now_ms(),
+    Received = await_received(B, Sent, WaitMs),
+    TDone = now_ms(),
+    Report = #{sent => Sent, t_stop => TStop, received => Received, t_done => TDone,
+               samples => stop_rss_sampler(Rss), probes => probe_report(A)},
+    Busy = case Busymon of
+               true -> Report#{busy_events => busymon_report(A)};
+               false -> Report
+           end,
+    Busy#{queues_a => qsampler_report(A), queues_b => qsampler_report(B),
+          events_a => ?P:call(A, ?P, watch_events, []),
+          events_b => ?P:call(B, ?P, watch_events, [])}.
 
 %%% ------------------------------------------------------------------------------------
 %%% Checks
@@ -451,9 +414,10 @@ format(Format, Args) ->
 
 %% The connection's processes only (not the application's receiver).
 assert_queues(Queues) ->
+    Limit = fun(input) -> ?INPUT_QUEUE_LIMIT; (_) -> ?QUEUE_LIMIT end,
     Over = [{Name, Q} || {Name, #{max := Max} = Q} <- maps:to_list(maps:with([ctrl, input, owner], Queues)),
-                         Max > ?QUEUE_LIMIT],
-    ?assertEqual([], Over, {queue_limit, ?QUEUE_LIMIT}).
+                         Max > Limit(Name)],
+    ?assertEqual([], Over, {queue_limits, ?QUEUE_LIMIT, input, ?INPUT_QUEUE_LIMIT}).
 
 %% Per sender: as many received as sent, the next expected number right after the
 %% last sent one, and no sequence error.
@@ -658,20 +622,18 @@ node_call(Name, Request, Timeout) ->
 
 %% The load: ?SENDERS processes, a counter of what each has sent, a stop flag.
 start_load(Receiver, N, Window) ->
-    Parent = self(),
-    Pid = spawn(fun() ->
-                        Counts = counters:new(N, [write_concurrency]),
-                        Stop = atomics:new(1, []),
-                        Payload = binary:copy(<<"m">>, ?MSG_SIZE - 12),
-                        Senders = [{Id, spawn_opt(fun() -> sender(Receiver, Id, Counts, Stop, Window, Payload) end,
-                                                  [monitor])}
-                                   || Id <- lists:seq(1, N)],
-                        Parent ! {self(), started},
-                        load_loop(Senders, Counts, Stop)
-                end),
-    receive {Pid, started} -> ok end,
-    true = register(?LOAD, Pid),
-    ok.
+    ?P:spawn_registered(
+       ?LOAD,
+       fun(Ready) ->
+               Counts = counters:new(N, [write_concurrency]),
+               Stop = atomics:new(1, []),
+               Payload = binary:copy(<<"m">>, ?MSG_SIZE - 12),
+               Senders = [{Id, spawn_opt(fun() -> sender(Receiver, Id, Counts, Stop, Window, Payload) end,
+                                         [monitor])}
+                          || Id <- lists:seq(1, N)],
+               Ready(),
+               load_loop(Senders, Counts, Stop)
+       end).
 
 load_loop(Senders, Counts, Stop) ->
     receive
@@ -710,15 +672,9 @@ sender(To, Id, Counts, Stop, Window, Payload, I, Acked) ->
                 false ->
                     To ! {seq, self(), Id, I, <<Id:32, I:64, Payload/binary>>},
                     counters:put(Counts, Id, I),
-                    sender(To, Id, Counts, Stop, Window, Payload, I + 1, drain_acks(Id, Acked))
+                    Acked1 = macula_test_traffic:drain_acks(ack, Id, Acked),
+                    sender(To, Id, Counts, Stop, Window, Payload, I + 1, Acked1)
             end
-    end.
-
-drain_acks(Id, Acked) ->
-    receive
-        {ack, Id, J} -> drain_acks(Id, max(J, Acked))
-    after 0 ->
-            Acked
     end.
 
 %% The receiver: takes whatever comes next (no selective receive on numbers).
@@ -776,15 +732,12 @@ probe_loop(Receiver, Phase, Counts) ->
 
 %% Records busy_dist_port system monitor events (the count and the first 10).
 start_busymon() ->
-    Parent = self(),
-    Pid = spawn(fun() ->
-                        erlang:system_monitor(self(), [busy_dist_port]),
-                        Parent ! {self(), monitoring},
-                        busymon_loop(erlang:monotonic_time(millisecond), 0, [])
-                end),
-    receive {Pid, monitoring} -> ok end,
-    true = register(?BUSYMON, Pid),
-    ok.
+    ?P:spawn_registered(?BUSYMON,
+                        fun(Ready) ->
+                                erlang:system_monitor(self(), [busy_dist_port]),
+                                Ready(),
+                                busymon_loop(erlang:monotonic_time(millisecond), 0, [])
+                        end).
 
 busymon_loop(T0, Count, First) ->
     receive

@@ -2,8 +2,8 @@
 %%%
 %%% This test node is NOT distributed. Every case starts its own OS-level nodes
 %%% `Port@127.0.0.1' (or `Port@::1') with OTP 25 `peer' over a TCP control connection
-%%% (see macula_test_peer), runs code on them with peer:call, and stops them in
-%%% end_per_testcase whatever happened. Each case has its own block of 10 UDP ports
+%%% (see macula_test_peer), runs code on them with peer:call, and stops them after the
+%%% case whatever happened (macula_ct_hook). Each case has its own block of 10 UDP ports
 %%% (run base + 10 * its position in all/0), so cases never share a port. The run base
 %%% is MACULA_TEST_PORT_BASE if set, else a random free block in 20000..29799, so two
 %%% runs on one machine (a shared build host) do not meet each other's nodes. Nodes
@@ -18,8 +18,7 @@
 -include_lib("stdlib/include/assert.hrl").
 -include_lib("kernel/include/net_address.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0]).
 -export([ping/1, erpc_round_trip/1, big_binary/1, many_small_messages/1,
          links_and_monitors/1, monitors_see_node_death/1, kill_gives_nodedown/1,
          init_stop_gives_nodedown/1, disconnect_and_reconnect/1,
@@ -31,12 +30,9 @@
 -define(PORT_RANGE, {20000, 29799}).
 -define(TICKTIME_MS, 4000).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 60}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [ping, erpc_round_trip, big_binary, many_small_messages, links_and_monitors,
@@ -44,35 +40,6 @@ all() ->
      disconnect_and_reconnect, simultaneous_connect, three_nodes_global_and_pg,
      wrong_cookie, hidden_node, node_info_and_opts, ipv6, malformed_node_names,
      unreachable_port, embedded_mode_boot].
-
-%% The nodes run a copy of the build (see macula_test_peer:snapshot/1): a rebuild of
-%% the checkout during the run rewrites the NIF library in place, which crashes every
-%% node that has it loaded.
-init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    ct:pal("macula_dist ebin: ~ts~nNIF: ~ts~nnodes run the copy in: ~ts~ntest modules: ~ts",
-           [Ebin, Nif, filename:dirname(Snapshot), ?P:test_dir()]),
-    Base = ?P:port_base(10 * (length(all()) + 1), ?PORT_RANGE),
-    ct:pal("UDP ports of this run: ~b..~b", [Base, Base + 10 * (length(all()) + 1) - 1]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + 10 * index(Case, all())} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases
@@ -121,30 +88,10 @@ big_binary(Config) ->
     NB = ?P:node_of(B),
     Size = 100 * 1024 * 1024,
     {LocalMd5, RemoteMd5, RemoteSize, Ms} =
-        ?P:run(A, fun() ->
-                          Self = self(),
-                          Receiver = spawn(NB, fun() -> md5_receiver(Self) end),
-                          Bin = crypto:strong_rand_bytes(Size),
-                          Md5 = erlang:md5(Bin),
-                          T0 = erlang:monotonic_time(millisecond),
-                          Receiver ! {data, Self, Bin},
-                          receive
-                              {md5, Receiver, RMd5, RSize} ->
-                                  {Md5, RMd5, RSize, erlang:monotonic_time(millisecond) - T0}
-                          after 60000 ->
-                                  {Md5, timeout, 0, 60000}
-                          end
-                  end, 90000),
+        ?P:call(A, macula_test_traffic, md5_transfer, [NB, Size, 60000], 90000),
     ?assertEqual(Size, RemoteSize),
     ?assertEqual(LocalMd5, RemoteMd5),
     {comment, io_lib:format("100 MB in ~b ms (send + remote md5)", [Ms])}.
-
-md5_receiver(From) ->
-    receive
-        {data, From, Bin} -> From ! {md5, self(), erlang:md5(Bin), byte_size(Bin)}
-    after 60000 ->
-            ok
-    end.
 
 %% Shows: 100,000 small messages from one process arrive complete, in order, and
 %% without duplicates.
@@ -152,43 +99,11 @@ many_small_messages(Config) ->
     [A, B] = start_nodes(Config, 2),
     NB = ?P:node_of(B),
     N = 100000,
-    Result = ?P:run(A, fun() ->
-                               Self = self(),
-                               Receiver = spawn(NB, fun() -> seq_receiver(Self, 1, N) end),
-                               T0 = erlang:monotonic_time(millisecond),
-                               seq_send(Receiver, 1, N),
-                               receive
-                                   {seq_done, Receiver, R} ->
-                                       {R, erlang:monotonic_time(millisecond) - T0}
-                               after 60000 ->
-                                       {timeout, 60000}
-                               end
-                       end, 90000),
+    Result = ?P:call(A, macula_test_traffic, seq_transfer, [NB, N, <<"payload">>, {10000, 60000}],
+                     90000),
     ?assertMatch({{ok, N}, _}, Result),
     {_, Ms} = Result,
     {comment, io_lib:format("~b messages in ~b ms", [N, Ms])}.
-
-seq_send(_To, I, N) when I > N ->
-    ok;
-seq_send(To, I, N) ->
-    To ! {seq, I, <<"payload">>},
-    seq_send(To, I + 1, N).
-
-%% Takes whatever {seq, _, _} comes next (no selective receive on the number), so a
-%% reordering shows up.
-seq_receiver(From, I, N) when I > N ->
-    receive
-        {seq, X, _} -> From ! {seq_done, self(), {duplicate_or_extra, X}}
-    after 500 ->
-            From ! {seq_done, self(), {ok, N}}
-    end;
-seq_receiver(From, I, N) ->
-    receive
-        {seq, I, <<"payload">>} -> seq_receiver(From, I + 1, N);
-        {seq, X, _} -> From ! {seq_done, self(), {out_of_order, {expected, I}, {got, X}}}
-    after 10000 ->
-            From ! {seq_done, self(), {missing_from, I}}
-    end.
 
 %% Shows: links and monitors work across nodes: exit reasons propagate both ways,
 %% kill gives killed, monitors see the reason, dead pids give noproc.
@@ -376,16 +291,7 @@ collect_node_death(Seen, Ref, Mon, Lnk, NB, Deadline) ->
 %% net_ticktime (4 s), and which nodedown_reason it reports.
 kill_gives_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:kill(B),
-    Down = ?P:call(A, ?P, watch_await, [nodedown, NB, 15000], 20000),
-    ?assertMatch({ok, {nodedown, NB, _, _}}, Down),
-    {ok, {nodedown, NB, Info, T1}} = Down,
-    Reason = proplists:get_value(nodedown_reason, Info),
-    Ms = T1 - T0,
+    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:kill(B) end),
     ct:pal("kill -9: nodedown after ~b ms, reason ~p", [Ms, Reason]),
     ?assert(Ms < ?TICKTIME_MS * 3 div 2),
     ?assertEqual([], ?P:call(A, erlang, nodes, [])),
@@ -395,21 +301,7 @@ kill_gives_nodedown(Config) ->
 %% reason connection_closed.
 init_stop_gives_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:call(B, init, stop, []),
-    Down = ?P:call(A, ?P, watch_await, [nodedown, NB, 15000], 20000),
-    ?assertMatch({ok, {nodedown, NB, _, _}}, Down),
-    {ok, {nodedown, NB, Info, T1}} = Down,
-    Reason = proplists:get_value(nodedown_reason, Info),
-    Ms = T1 - T0,
-    ct:pal("init:stop: nodedown after ~b ms, reason ~p", [Ms, Reason]),
-    ?assertEqual(connection_closed, Reason),
-    ?assert(Ms < 2000),
-    ok = ?P:wait_until(fun() -> not ?P:is_os_alive(?P:os_pid(B)) end, 10000),
-    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.
+    ?P:closed_nodedown("init:stop", A, B, fun() -> ?P:call(B, init, stop, []) end, 1999).
 
 %% Shows: erlang:disconnect_node/1 gives nodedown reason disconnect locally (and a
 %% nodedown on the other side), and a new ping reconnects.

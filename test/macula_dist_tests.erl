@@ -72,7 +72,8 @@ select_test_() ->
     [?_assert(macula_dist:select('4433@127.0.0.1')),
      ?_assert(macula_dist:select('4437@::1')),
      ?_assert(macula_dist:select('4433@localhost')),
-     ?_assertNot(macula_dist:select('foo@127.0.0.1')),
+     %% Name@Host nodes are located by macula_dist_discovery when connecting.
+     ?_assert(macula_dist:select('foo@127.0.0.1')),
      ?_assertNot(macula_dist:select('70000@127.0.0.1')),
      ?_assertNot(macula_dist:select('4433@bad_host')),
      ?_assertNot(macula_dist:select('nonode@nohost'))].
@@ -80,7 +81,7 @@ select_test_() ->
 is_node_name_test_() ->
     [?_assert(macula_dist:is_node_name('4433@192.168.1.100')),
      ?_assert(macula_dist:is_node_name('4437@::1')),
-     ?_assertNot(macula_dist:is_node_name('foo@host')),
+     ?_assert(macula_dist:is_node_name('foo@host')),
      ?_assertNot(macula_dist:is_node_name('a@b@c')),
      ?_assertNot(macula_dist:is_node_name(<<"4433@127.0.0.1">>)),
      ?_assertNot(macula_dist:is_node_name(42))].
@@ -107,13 +108,14 @@ name_host_kind_test() ->
 %%% ------------------------------------------------------------------------------------
 
 defaults_test() ->
-    ?assertEqual(#{stream_window => 8 bsl 20,
-                   send_window => 16 bsl 20,
-                   send_queue_limit => 4 bsl 20,
+    ?assertEqual(#{data_streams => 8,
+                   stream_window => 8 bsl 20,
+                   send_window => 32 bsl 20,
+                   send_queue_limit => 8 bsl 20,
                    send_batch => 1 bsl 20,
                    max_packet => 1 bsl 30,
                    max_udp_payload => 6500,
-                   delivery_credit => 8,
+                   delivery_window => 2 bsl 20,
                    max_pending_handshakes => 64,
                    runtime_workers => 1,
                    congestion => cubic,
@@ -121,7 +123,9 @@ defaults_test() ->
                    certfile => undefined,
                    keyfile => undefined,
                    cacertfile => undefined,
-                   verify_name => false},
+                   verify_name => false,
+                   port => undefined,
+                   address_book => undefined},
                  macula_dist_config:defaults()).
 
 congestion_option_test_() ->
@@ -146,10 +150,10 @@ parse_atom_keys_integer_values_test() ->
 %% -macula_dist_opt Key Value gives strings for both.
 parse_string_keys_and_values_test() ->
     {ok, C} = macula_dist_config:parse([{"stream_window", "131072"},
-                                        {"delivery_credit", "16"},
+                                        {"delivery_window", "100000"},
                                         {"max_udp_payload", "1200"}]),
     ?assertEqual(131072, maps:get(stream_window, C)),
-    ?assertEqual(16, maps:get(delivery_credit, C)),
+    ?assertEqual(100000, maps:get(delivery_window, C)),
     ?assertEqual(1200, maps:get(max_udp_payload, C)),
     %% Keys are atoms in the result whatever they were given as.
     ?assertEqual(lists:sort(maps:keys(macula_dist_config:defaults())), lists:sort(maps:keys(C))).
@@ -164,8 +168,8 @@ parse_last_value_wins_test() ->
 parse_bounds_are_inclusive_test() ->
     ?assertMatch({ok, #{max_udp_payload := 1200}}, macula_dist_config:parse([{max_udp_payload, 1200}])),
     ?assertMatch({ok, #{max_udp_payload := 6500}}, macula_dist_config:parse([{max_udp_payload, 6500}])),
-    ?assertMatch({ok, #{delivery_credit := 1}}, macula_dist_config:parse([{delivery_credit, 1}])),
-    ?assertMatch({ok, #{delivery_credit := 1024}}, macula_dist_config:parse([{delivery_credit, 1024}])),
+    ?assertMatch({ok, #{data_streams := 1}}, macula_dist_config:parse([{data_streams, 1}])),
+    ?assertMatch({ok, #{data_streams := 32}}, macula_dist_config:parse([{data_streams, "32"}])),
     ?assertMatch({ok, #{max_packet := 4294967295}}, macula_dist_config:parse([{max_packet, "4294967295"}])).
 
 parse_unknown_option_test() ->
@@ -192,8 +196,10 @@ parse_out_of_range_test() ->
                  macula_dist_config:parse([{max_udp_payload, 6501}])),
     ?assertEqual({error, {option, runtime_workers, {out_of_range, 0, 1, 64}}},
                  macula_dist_config:parse([{runtime_workers, "0"}])),
-    ?assertEqual({error, {option, delivery_credit, {out_of_range, -5, 1, 1024}}},
-                 macula_dist_config:parse([{"delivery_credit", "-5"}])),
+    ?assertEqual({error, {option, data_streams, {out_of_range, 33, 1, 32}}},
+                 macula_dist_config:parse([{"data_streams", "33"}])),
+    ?assertEqual({error, {option, send_batch, {out_of_range, 1 bsl 30, 1024, 8 bsl 20}}},
+                 macula_dist_config:parse([{send_batch, 1 bsl 30}])),
     ?assertEqual({error, {option, max_packet, {out_of_range, 1 bsl 32, 1024, (1 bsl 32) - 1}}},
                  macula_dist_config:parse([{max_packet, 1 bsl 32}])).
 
@@ -219,8 +225,8 @@ load_without_arguments_gives_defaults_test() ->
 
 nif_options_test() ->
     Opts = macula_dist_config:nif_options(macula_dist_config:defaults()),
-    ?assertEqual(lists:sort([stream_window, send_window, send_queue_limit, max_packet,
-                             max_udp_payload, delivery_credit, max_pending_handshakes,
+    ?assertEqual(lists:sort([data_streams, stream_window, send_window, send_queue_limit, max_packet,
+                             max_udp_payload, delivery_window, max_pending_handshakes,
                              runtime_workers, congestion, tick_time_ms, handshake_timeout_ms,
                              certfile, keyfile, cacertfile, liveness_interval_ms,
                              node_name, cookie]),

@@ -1,9 +1,11 @@
 %%% @doc Helpers of macula_security_SUITE.
 %%%
-%%% Test-node side: builds and runs the `macula_hostile' tool (the Rust example
-%%% native/macula_quic/examples/macula_hostile.rs) as an OS process through a port. Every
-%%% tool run is owned by a small runner process that collects the tool's output lines;
-%%% the runners are remembered by a tracker, so {@link stop_all/0} (called from
+%%% Test-node side: runs the `macula_hostile' tool (the workspace crate
+%%% native/macula_hostile, built by the `ct' pre-hook in rebar.config before any suite
+%%% runs) as an OS process through a port. Every
+%%% tool run is owned by a runner process (macula_tool_runner) that collects the tool's
+%%% output lines; the runners are remembered by a tracker (macula_test_tracker), so
+%%% {@link stop_all/0} (called from
 %%% `end_per_testcase', even after a crashed or timed-out case) SIGKILLs every tool
 %%% still running. The tool is also started with `MACULA_HOSTILE_EXIT_ON_EOF=1', so it
 %%% exits by itself when its port (stdin) closes.
@@ -14,7 +16,7 @@
 -module(macula_hostile).
 
 %% Test-node side
--export([repo_root/0, build/2, start/2, lines/1, status/1, await_line/3, await_exit/2,
+-export([repo_root/0, install/2, start/2, lines/1, status/1, await_line/3, await_exit/2,
          stop/1, stop_all/0]).
 %% Node side
 -export([capture_logs/0, logs/0, log/2]).
@@ -27,11 +29,11 @@
 -export_type([tool/0]).
 
 %%% ------------------------------------------------------------------------------------
-%%% Building
+%%% Finding the tool
 %%% ------------------------------------------------------------------------------------
 
 %% @doc The checkout macula_dist was built from: the first directory above the loaded
-%% macula_dist.beam that holds the cargo workspace (Cargo.toml and native/macula_quic).
+%% macula_dist.beam that holds the cargo workspace (Cargo.toml and native/macula_hostile).
 -spec repo_root() -> string().
 repo_root() ->
     Beam = code:which(macula_dist),
@@ -44,33 +46,31 @@ find_root("/") ->
     error;
 find_root(Dir) ->
     case filelib:is_regular(filename:join(Dir, "Cargo.toml"))
-        andalso filelib:is_regular(filename:join([Dir, "native", "macula_quic", "Cargo.toml"])) of
+        andalso filelib:is_regular(filename:join([Dir, "native", "macula_hostile", "Cargo.toml"])) of
         true -> {ok, Dir};
         false -> find_root(filename:dirname(Dir))
     end.
 
-%% @doc Builds the tool with cargo (release, --locked) and copies the binary to
-%% `DestDir'. `{ok, Path}' or `{error, {Command, Output}}'.
--spec build(string(), string()) -> {ok, string()} | {error, {string(), string()}}.
-build(Root, DestDir) ->
-    Cmd = "cd '" ++ Root ++ "' && cargo build --release --locked -p macula_quic --example macula_hostile 2>&1;"
-          " echo \"macula_hostile_build_exit=$?\"",
-    Output = os:cmd(Cmd),
+%% @doc Copies the tool cargo built (target/release/macula_hostile, or under
+%% `CARGO_TARGET_DIR') to `DestDir', so a rebuild during the run cannot change it.
+%% `{ok, Path}', or `{error, {not_built, Path, HowToBuild}}'.
+-spec install(string(), string()) -> {ok, string()} | {error, {not_built, string(), string()}}.
+install(Root, DestDir) ->
     Target = case os:getenv("CARGO_TARGET_DIR") of
                  false -> filename:join(Root, "target");
                  "" -> filename:join(Root, "target");
                  Dir -> filename:absname(Dir, Root)
              end,
-    Built = filename:join([Target, "release", "examples", "macula_hostile"]),
-    case string:find(Output, "macula_hostile_build_exit=0") =/= nomatch
-        andalso filelib:is_regular(Built) of
+    Built = filename:join([Target, "release", "macula_hostile"]),
+    case filelib:is_regular(Built) of
         true ->
             Dest = filename:join(DestDir, "macula_hostile"),
             {ok, _} = file:copy(Built, Dest),
             ok = file:change_mode(Dest, 8#755),
             {ok, Dest};
         false ->
-            {error, {Cmd, Output}}
+            {error, {not_built, Built, "cargo build --release --locked -p macula_hostile "
+                                       "(rebar3 ct runs it first)"}}
     end.
 
 %%% ------------------------------------------------------------------------------------
@@ -80,29 +80,24 @@ build(Root, DestDir) ->
 %% @doc Starts the tool with `Args'; returns at once.
 -spec start(string(), [string()]) -> tool().
 start(Bin, Args) ->
-    Parent = self(),
-    Runner = spawn(fun() -> runner_init(Parent, Bin, Args) end),
-    receive
-        {Runner, started} ->
-            tracker_call({add, Runner}),
+    case macula_tool_runner:start(Bin, Args, [{"MACULA_HOSTILE_EXIT_ON_EOF", "1"}]) of
+        {ok, Runner} ->
+            ok = macula_test_tracker:add(?TRACKER, Runner),
             Runner;
-        {Runner, failed, Why} ->
+        {error, Why} ->
             error({tool_start_failed, Bin, Args, Why})
-    after 10000 ->
-            exit(Runner, kill),
-            error({tool_start_timeout, Bin, Args})
     end.
 
 %% @doc Every line the tool printed so far (stdout and stderr), oldest first.
 -spec lines(tool()) -> [binary()].
 lines(Tool) ->
-    {Lines, _Status} = runner_call(Tool, get),
+    {Lines, _Status} = macula_tool_runner:output(Tool),
     Lines.
 
 %% @doc `running' or `{exited, Status}'.
--spec status(tool()) -> running | {exited, integer()}.
+-spec status(tool()) -> macula_tool_runner:status().
 status(Tool) ->
-    {_Lines, Status} = runner_call(Tool, get),
+    {_Lines, Status} = macula_tool_runner:output(Tool),
     Status.
 
 %% @doc Waits until the tool prints a line that starts with `Prefix'.
@@ -112,7 +107,7 @@ await_line(Tool, Prefix, Timeout) ->
     await_line_loop(Tool, Prefix, Deadline).
 
 await_line_loop(Tool, Prefix, Deadline) ->
-    {Lines, Status} = runner_call(Tool, get),
+    {Lines, Status} = macula_tool_runner:output(Tool),
     case [L || L <- Lines, binary:longest_common_prefix([L, Prefix]) =:= byte_size(Prefix)] of
         [Line | _] ->
             {ok, Line};
@@ -131,7 +126,7 @@ await_exit(Tool, Timeout) ->
     await_exit_loop(Tool, Deadline).
 
 await_exit_loop(Tool, Deadline) ->
-    case runner_call(Tool, get) of
+    case macula_tool_runner:output(Tool) of
         {Lines, {exited, Status}} ->
             {ok, Status, Lines};
         {Lines, running} ->
@@ -144,97 +139,18 @@ await_exit_loop(Tool, Deadline) ->
 %% @doc SIGKILLs the tool if it still runs; returns its output.
 -spec stop(tool()) -> [binary()].
 stop(Tool) ->
-    Lines = case catch runner_call(Tool, stop) of
+    Lines = case catch macula_tool_runner:kill(Tool) of
                 {L, _} when is_list(L) -> L;
                 _ -> []
             end,
-    tracker_call({remove, Tool}),
+    ok = macula_test_tracker:remove(?TRACKER, Tool),
     Lines.
 
 %% @doc Stops every tool started since the last stop_all/0.
 -spec stop_all() -> ok.
 stop_all() ->
-    [catch stop(T) || T <- tracker_call(list)],
+    [catch stop(T) || T <- macula_test_tracker:list(?TRACKER)],
     ok.
-
-runner_init(Parent, Bin, Args) ->
-    try open_port({spawn_executable, Bin},
-                  [{args, Args}, {line, 16384}, binary, exit_status, use_stdio,
-                   stderr_to_stdout, {env, [{"MACULA_HOSTILE_EXIT_ON_EOF", "1"}]}]) of
-        Port ->
-            {os_pid, OsPid} = erlang:port_info(Port, os_pid),
-            Parent ! {self(), started},
-            runner_loop(Port, OsPid, [], <<>>, running)
-    catch
-        error:Why -> Parent ! {self(), failed, Why}
-    end.
-
-runner_loop(Port, OsPid, Lines, Partial, Status) ->
-    receive
-        {Port, {data, {eol, Data}}} ->
-            runner_loop(Port, OsPid, [<<Partial/binary, Data/binary>> | Lines], <<>>, Status);
-        {Port, {data, {noeol, Data}}} ->
-            runner_loop(Port, OsPid, Lines, <<Partial/binary, Data/binary>>, Status);
-        {Port, {exit_status, Code}} ->
-            runner_loop(Port, OsPid, Lines, Partial, {exited, Code});
-        {From, Ref, get} ->
-            From ! {Ref, {lists:reverse(Lines), Status}},
-            runner_loop(Port, OsPid, Lines, Partial, Status);
-        {From, Ref, stop} ->
-            case Status of
-                running -> _ = os:cmd("kill -9 " ++ integer_to_list(OsPid));
-                _ -> ok
-            end,
-            From ! {Ref, {lists:reverse(Lines), Status}}
-    end.
-
-runner_call(Runner, Request) ->
-    Ref = erlang:monitor(process, Runner),
-    Runner ! {self(), Ref, Request},
-    receive
-        {Ref, Reply} ->
-            erlang:demonitor(Ref, [flush]),
-            Reply;
-        {'DOWN', Ref, process, _, Reason} ->
-            error({tool_runner_down, Reason})
-    after 10000 ->
-            error(tool_runner_timeout)
-    end.
-
-%% The tracker is not linked to any case process, so it outlives a crashed case.
-tracker_call(Request) ->
-    Tracker = tracker(),
-    Ref = erlang:monitor(process, Tracker),
-    Tracker ! {self(), Ref, Request},
-    receive
-        {Ref, Reply} ->
-            erlang:demonitor(Ref, [flush]),
-            Reply;
-        {'DOWN', Ref, process, _, Reason} ->
-            error({tracker_down, Reason})
-    after 5000 ->
-            error(tracker_timeout)
-    end.
-
-tracker() ->
-    case whereis(?TRACKER) of
-        undefined ->
-            Pid = spawn(fun() -> tracker_loop([]) end),
-            try register(?TRACKER, Pid) of
-                true -> Pid
-            catch
-                error:badarg -> exit(Pid, kill), tracker()
-            end;
-        Pid ->
-            Pid
-    end.
-
-tracker_loop(Tools) ->
-    receive
-        {From, Ref, {add, T}} -> From ! {Ref, ok}, tracker_loop([T | Tools]);
-        {From, Ref, {remove, T}} -> From ! {Ref, ok}, tracker_loop(Tools -- [T]);
-        {From, Ref, list} -> From ! {Ref, Tools}, tracker_loop(Tools)
-    end.
 
 %%% ------------------------------------------------------------------------------------
 %%% Node side: capturing log events

@@ -49,7 +49,7 @@
          loss_20pct_short_ticktime/0, loss_20pct_short_ticktime/1,
          migrate_to_new_port/1, migrate_to_new_address/1]).
 %% Run on the nodes
--export([seq_receiver/2, bulk_receiver/2, stream_sender/4, stream_receiver/0,
+-export([bulk_receiver/2, stream_sender/4, stream_receiver/0,
          seq_transfer/2]).
 
 -define(P, macula_test_peer).
@@ -66,12 +66,9 @@
 -define(STREAM_WINDOW, 5000).
 -define(STREAM_ACK_EVERY, 500).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
-    [{timetrap, {seconds, 150}}].
+    [{timetrap, {seconds, 150}},
+     {ct_hooks, [{macula_ct_hook, #{}}]}].
 
 all() ->
     [loss_5pct_sequenced, loss_5pct_bulk, loss_20pct_sequenced, loss_20pct_bulk,
@@ -81,18 +78,11 @@ loss_20pct_short_ticktime() ->
     [{timetrap, {seconds, loss_hold_seconds() + 120}}].
 
 init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
     Run = lists:flatten(io_lib:format("~6.16.0b", [rand:uniform(16#ffffff)])),
-    ct:pal("nodes run the copy in ~ts~nnamespaces of this run: ~ts~ts-*",
-           [filename:dirname(Snapshot), ?NS_PREFIX, Run]),
+    ct:pal("namespaces of this run: ~ts~ts-*", [?NS_PREFIX, Run]),
     [{run, Run} | Config].
 
+%% Nodes are stopped before their namespaces go (macula_ct_hook would do it after).
 end_per_suite(Config) ->
     ?P:stop_all(),
     Prefix = ?NS_PREFIX ++ ?config(run, Config) ++ "-",
@@ -203,40 +193,7 @@ loss_case(Config, Pct, Kind) ->
 
 %% On A: N sequenced messages to a receiver on NB; {Result, Ms}.
 seq_transfer(NB, N) ->
-    Self = self(),
-    Receiver = spawn(NB, ?MODULE, seq_receiver, [Self, N]),
-    Payload = binary:copy(<<"0123456789">>, 7),
-    T0 = erlang:monotonic_time(millisecond),
-    seq_send(Receiver, Payload, 1, N),
-    receive
-        {seq_done, Receiver, R} -> {R, erlang:monotonic_time(millisecond) - T0}
-    after 540000 ->
-            {timeout, erlang:monotonic_time(millisecond) - T0}
-    end.
-
-seq_send(_To, _Payload, I, N) when I > N ->
-    ok;
-seq_send(To, Payload, I, N) ->
-    To ! {seq, I, Payload},
-    seq_send(To, Payload, I + 1, N).
-
-%% Takes whatever {seq, _, _} comes next, so a gap, a duplicate or a reordering shows.
-seq_receiver(From, N) ->
-    seq_receiver(From, 1, N).
-
-seq_receiver(From, I, N) when I > N ->
-    receive
-        {seq, X, _} -> From ! {seq_done, self(), {duplicate_or_extra, X}}
-    after 500 ->
-            From ! {seq_done, self(), {ok, N}}
-    end;
-seq_receiver(From, I, N) ->
-    receive
-        {seq, I, _} -> seq_receiver(From, I + 1, N);
-        {seq, X, _} -> From ! {seq_done, self(), {out_of_order, {expected, I}, {got, X}}}
-    after 60000 ->
-            From ! {seq_done, self(), {missing_from, I}}
-    end.
+    macula_test_traffic:seq_transfer(NB, N, binary:copy(<<"0123456789">>, 7), {60000, 540000}).
 
 %% On A: N distinct random 1 MiB binaries to a receiver on NB, which answers with the
 %% md5 of each, in the order received; {ok | {mismatch, ...}, Ms}.
@@ -442,20 +399,14 @@ stream_send(Receiver, Payload, Next, Acked, Deadline) ->
             Next - 1;
         false when Next - 1 - Acked < ?STREAM_WINDOW ->
             Receiver ! {sq, self(), Next, Payload},
-            stream_send(Receiver, Payload, Next + 1, drain_sq_acks(Receiver, Acked), Deadline);
+            Acked1 = macula_test_traffic:drain_acks(sq_ack, Receiver, Acked),
+            stream_send(Receiver, Payload, Next + 1, Acked1, Deadline);
         false ->
             receive
                 {sq_ack, Receiver, I} -> stream_send(Receiver, Payload, Next, max(Acked, I), Deadline)
             after 100 ->
                     stream_send(Receiver, Payload, Next, Acked, Deadline)
             end
-    end.
-
-drain_sq_acks(Receiver, Acked) ->
-    receive
-        {sq_ack, Receiver, I} -> drain_sq_acks(Receiver, max(Acked, I))
-    after 0 ->
-            Acked
     end.
 
 stream_receiver() ->

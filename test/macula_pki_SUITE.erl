@@ -9,14 +9,13 @@
 %%% checked by booting `erl ... -eval "halt()."' directly: the node must stop at boot
 %%% with a non-zero exit status and name the option (and file) in its output.
 %%%
-%%% UDP ports: 45000 + 10 * the case's position in all/0 (within 45000..45999).
+%%% UDP ports: a random free block in 30000..39799 for the run, 10 per case (macula_ct_hook).
 -module(macula_pki_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0, init_per_suite/1, end_per_suite/1]).
 -export([right_certs_connect/1, other_ca_refused/1, expired_refused/1,
          other_host_refused_with_verify_name/1, other_host_accepted_without_verify_name/1,
          wrong_cookie_refused/1, zero_config_and_pki_refused/1, allow_is_enforced/1,
@@ -25,15 +24,11 @@
          boot_verify_name_without_pki/1, boot_optfile/1]).
 
 -define(P, macula_test_peer).
--define(PORT_BASE, 45000).
 -define(BOOT_TIMEOUT, 30000).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
-    [{timetrap, {seconds, 90}}].
+    [{timetrap, {seconds, 90}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => {30000, 39799}}}]}].
 
 all() ->
     [right_certs_connect, other_ca_refused, expired_refused,
@@ -48,28 +43,14 @@ init_per_suite(Config) ->
         false -> ct:fail("openssl is not installed: this suite needs it to make certificates");
         _ -> ok
     end,
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    filelib:is_regular(Nif) orelse ct:fail({nif_missing, Nif, "run rebar3 compile first"}),
-    %% The nodes run a copy of the build, so a rebuild during the run cannot crash them.
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
     Dir = filename:join(?config(priv_dir, Config), "pki"),
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
     make_pki(Dir),
-    ct:pal("nodes run: ~ts~nPKI files: ~ts", [Snapshot, Dir]),
-    [{pki, Dir}, {ebin, Snapshot} | Config].
+    ct:pal("PKI files: ~ts", [Dir]),
+    [{pki, Dir} | Config].
 
 end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?PORT_BASE + 10 * index(Case, all())} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
+    ok.
 
 %%% ------------------------------------------------------------------------------------
 %%% Connections
@@ -89,38 +70,28 @@ right_certs_connect(Config) ->
     ?assertEqual(node_of(A), ?P:call(B, erpc, call, [node_of(A), erlang, node, []])),
     {ok, Info} = ?P:call(A, macula_dist, connection_info, [node_of(B)]),
     ?assertEqual(<<"TLSv1.3">>, maps:get(tls_version, Info)),
+    %% Each side sees the subject of the certificate the other presented.
+    ?assertEqual(<<"CN=b">>, maps:get(peer_subject, Info)),
+    {ok, InfoOnB} = ?P:call(B, macula_dist, info, [node_of(A)]),
+    ?assertEqual(<<"CN=a">>, maps:get(peer_subject, InfoOnB)),
     ok.
 
 %% A certificate from another CA is refused whichever side presents it.
 other_ca_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    Foreign = start(Base + 2, pki(Config, "foreign", [])),
-    pang = ping(Foreign, A),
-    pang = ping(A, Foreign),
-    no_connections([A, Foreign]).
+    refused_both_ways(Config, [], fun(Port) -> start(Port, pki(Config, "foreign", [])) end).
 
 %% An expired certificate is refused whichever side presents it.
 expired_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    Expired = start(Base + 2, pki(Config, "expired", [])),
-    pang = ping(Expired, A),
-    pang = ping(A, Expired),
-    no_connections([A, Expired]).
+    refused_both_ways(Config, [], fun(Port) -> start(Port, pki(Config, "expired", [])) end).
 
 %% A certificate from the CA, but for another host: with verify_name on A, A refuses it
 %% as acceptor (checked against the name in the peer's auth message) and as initiator
 %% (checked against the node A connects to).
 other_host_refused_with_verify_name(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", ["verify_name", "true"])),
-    Other = start(Base + 2, pki(Config, "otherhost", [])),
-    pang = ping(Other, A),
-    pang = ping(A, Other),
-    no_connections([A, Other]),
+    A = refused_both_ways(Config, ["verify_name", "true"],
+                          fun(Port) -> start(Port, pki(Config, "otherhost", [])) end),
     %% A third node with a right certificate still gets in.
-    B = start(Base + 3, pki(Config, "b", [])),
+    B = start(?config(base_port, Config) + 3, pki(Config, "b", [])),
     pong = ping(B, A).
 
 %% The same certificate is fine when names are not checked: the chain is valid.
@@ -134,21 +105,13 @@ other_host_accepted_without_verify_name(Config) ->
 
 %% Valid certificates do not replace the cookie: a wrong one is still refused.
 wrong_cookie_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    B = ?P:start(Base + 2, pki(Config, "b", []), #{cookie => "not_the_cookie"}),
-    pang = ping(B, A),
-    pang = ping(A, B),
-    no_connections([A, B]).
+    refused_both_ways(Config, [], fun(Port) ->
+                                          ?P:start(Port, pki(Config, "b", []), #{cookie => "not_the_cookie"})
+                                  end).
 
 %% A PKI node and a zero-configuration node do not connect.
 zero_config_and_pki_refused(Config) ->
-    Base = ?config(base_port, Config),
-    A = start(Base + 1, pki(Config, "a", [])),
-    Zero = start(Base + 2, []),
-    pang = ping(Zero, A),
-    pang = ping(A, Zero),
-    no_connections([A, Zero]).
+    refused_both_ways(Config, [], fun(Port) -> start(Port, []) end).
 
 %% net_kernel:allow/1 is enforced by dist_util on the accepting side.
 allow_is_enforced(Config) ->
@@ -256,6 +219,18 @@ disconnect(From, To) ->
                            andalso not lists:member(node_of(From), ?P:call(To, erlang, nodes, []))
                   end, 5000).
 
+%% A node on the case's first port with the CA's certificate "a" (and options
+%% `AOpts'), and the one `StartOther(Port)' starts on the second: neither can connect
+%% to the other. Returns the first.
+refused_both_ways(Config, AOpts, StartOther) ->
+    Base = ?config(base_port, Config),
+    A = start(Base + 1, pki(Config, "a", AOpts)),
+    Other = StartOther(Base + 2),
+    pang = ping(Other, A),
+    pang = ping(A, Other),
+    no_connections([A, Other]),
+    A.
+
 no_connections(Nodes) ->
     [?assertEqual([], ?P:call(N, erlang, nodes, [])) || N <- Nodes],
     ok.
@@ -272,7 +247,7 @@ boot_fails(Config, Args0) ->
     Erl = os:find_executable("erl"),
     Argv = ["-noshell", "-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
             "-name", integer_to_list(Port) ++ "@127.0.0.1", "-setcookie", "macula_test",
-            "-pa", ?config(ebin, Config) | Args] ++ ["-eval", "halt()."],
+            "-pa", ?P:ebin_dir() | Args] ++ ["-eval", "halt()."],
     P = open_port({spawn_executable, Erl},
                   [{args, Argv}, {cd, ?config(priv_dir, Config)}, exit_status,
                    stderr_to_stdout, binary]),

@@ -42,8 +42,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0]).
 -export([liveness_under_load/0, liveness_under_load/1,
          kill_gives_nodedown_within_ticktime/1,
          init_stop_gives_prompt_nodedown/1,
@@ -66,12 +65,9 @@
 -define(WINDOW, 128).
 -define(RECV_SLEEP_MS, 2).
 
-%%% ------------------------------------------------------------------------------------
-%%% Common Test callbacks
-%%% ------------------------------------------------------------------------------------
-
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 60}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => ?BLOCK, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [liveness_under_load,
@@ -95,34 +91,6 @@ ten_node_mesh() ->
 mnesia_catch_up() ->
     [{timetrap, {seconds, 90}}].
 
-init_per_suite(Config) ->
-    Ebin = filename:dirname(code:which(macula_dist)),
-    Nif = filename:join([filename:dirname(Ebin), "priv", "macula_dist_nif.so"]),
-    case filelib:is_regular(Nif) of
-        true -> ok;
-        false -> ct:fail({nif_missing, Nif, "run rebar3 compile first"})
-    end,
-    %% The nodes run a copy of the build: a rebuild during the run rewrites the NIF.
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    Count = ?BLOCK * (length(all()) + 1),
-    Base = ?P:port_base(Count, ?PORT_RANGE),
-    ct:pal("nodes run the copy in ~ts~nUDP ports of this run: ~b..~b~nload case: ~b s",
-           [filename:dirname(Snapshot), Base, Base + Count - 1, load_seconds()]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + ?BLOCK * index(Case, all())} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    %% A node left SIGSTOPped would only be SIGKILLed after peer:stop times out.
-    ?P:stop_all().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
-
 load_seconds() ->
     case os:getenv("MACULA_SOAK") of
         "1" -> 60;
@@ -145,6 +113,7 @@ max_detect_ms(TickMs) ->
 %% the sender on a busy distribution channel (busy_dist_port), the slowest erpc.
 liveness_under_load(Config) ->
     DurationMs = load_seconds() * 1000,
+    ct:pal("load: ~b s", [load_seconds()]),
     [A, B] = start_nodes(Config, 2),
     {NA, NB} = {?P:node_of(A), ?P:node_of(B)},
     pong = ?P:call(A, net_adm, ping, [NB]),
@@ -205,7 +174,7 @@ bulk_run(NB, DurationMs) ->
 
 %% Returns {Sent, Acked} once time is up and every chunk sent is acknowledged.
 bulk_send(Receiver, Bin, Next, Acked0, Deadline) ->
-    Acked = drain_acks(Receiver, Acked0),
+    Acked = macula_test_traffic:drain_acks(ack, Receiver, Acked0),
     Now = erlang:monotonic_time(millisecond),
     InFlight = Next - 1 - Acked,
     if
@@ -221,13 +190,6 @@ bulk_send(Receiver, Bin, Next, Acked0, Deadline) ->
             after 1000 ->
                     bulk_send(Receiver, Bin, Next, Acked, Deadline)
             end
-    end.
-
-drain_acks(Receiver, Acked) ->
-    receive
-        {ack, Receiver, Seq} -> drain_acks(Receiver, max(Acked, Seq))
-    after 0 ->
-            Acked
     end.
 
 await_acks(_Receiver, Acked, Last, _Deadline) when Acked >= Last ->
@@ -294,12 +256,7 @@ prober(Parent, NB, Count, Max, Failures) ->
 %% Shows: kill -9 of B gives nodedown on A within 5/4 of net_ticktime (4 s) + 0.5 s.
 kill_gives_nodedown_within_ticktime(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:kill(B),
-    {Ms, Reason} = await_nodedown(A, NB, T0, 20000),
+    {Ms, Reason} = ?P:nodedown_after(A, B, fun() -> ?P:kill(B) end),
     ct:pal("kill -9: nodedown after ~b ms, reason ~p", [Ms, Reason]),
     ?assert(Ms =< max_detect_ms(?TICKTIME_MS)),
     ?assertEqual([], ?P:call(A, erlang, nodes, [])),
@@ -310,33 +267,13 @@ kill_gives_nodedown_within_ticktime(Config) ->
 %% (init:stop itself takes about 1 s, with inet_tcp too).
 init_stop_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:call(B, init, stop, []),
-    {Ms, Reason} = await_nodedown(A, NB, T0, 20000),
-    ct:pal("init:stop(): nodedown after ~b ms, reason ~p", [Ms, Reason]),
-    ?assertEqual(connection_closed, Reason),
-    ?assert(Ms =< 1500),
-    ok = ?P:wait_until(fun() -> not ?P:is_os_alive(?P:os_pid(B)) end, 10000),
-    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.
+    ?P:closed_nodedown("init:stop()", A, B, fun() -> ?P:call(B, init, stop, []) end, 1500).
 
 %% Shows: erlang:halt() on B gives nodedown on A in under 1 s, reason
 %% connection_closed (the carrier closes its QUIC connections at VM exit).
 halt_gives_prompt_nodedown(Config) ->
     [A, B] = start_nodes(Config, 2),
-    NB = ?P:node_of(B),
-    pong = ?P:call(A, net_adm, ping, [NB]),
-    ok = ?P:call(A, ?P, watch_start, []),
-    T0 = ?P:call(A, ?P, now_ms, []),
-    ok = ?P:cast(B, erlang, halt, []),
-    {Ms, Reason} = await_nodedown(A, NB, T0, 20000),
-    ct:pal("erlang:halt(): nodedown after ~b ms, reason ~p", [Ms, Reason]),
-    ?assertEqual(connection_closed, Reason),
-    ?assert(Ms < 1000),
-    ok = ?P:wait_until(fun() -> not ?P:is_os_alive(?P:os_pid(B)) end, 10000),
-    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.
+    ?P:closed_nodedown("erlang:halt()", A, B, fun() -> ?P:cast(B, erlang, halt, []) end, 999).
 
 %% Shows: B frozen with SIGSTOP for 7 s (net_ticktime 4) is dropped by A in time; after
 %% SIGCONT B sees its own nodedown, and the very next message A sends to a registered
@@ -450,7 +387,7 @@ restart_round(A, BOld, PortB, Mode) ->
                    pong = ?P:call(B, net_adm, ping, [NA]),
                    B;
                restart_after_nodedown ->
-                   {_, _} = await_nodedown(A, NB, KilledAt, 20000),
+                   {_, _} = ?P:await_nodedown(A, NB, KilledAt, 20000),
                    B = ?P:start(PortB, []),
                    pong = ?P:call(A, net_adm, ping, [NB]),
                    B
@@ -571,7 +508,7 @@ ten_node_mesh(Config) ->
     [ok = ?P:call(N, ?P, watch_start, []) || N <- Survivors],
     T0s = [?P:call(N, ?P, now_ms, []) || N <- Survivors],
     ok = ?P:kill(Victim),
-    Downs = ?P:parallel([fun() -> await_nodedown(N, NV, T, 20000) end
+    Downs = ?P:parallel([fun() -> ?P:await_nodedown(N, NV, T, 20000) end
                       || {N, T} <- lists:zip(Survivors, T0s)]),
     ct:pal("nodedown of ~p on the 9 others (ms, reason): ~p", [NV, Downs]),
     MaxDown = lists:max([Ms || {Ms, _} <- Downs]),
@@ -710,7 +647,7 @@ ticktime_change_kill_detected(Config) ->
     %% Now kill C.
     T0s = [?P:call(N, ?P, now_ms, []) || N <- [A, B]],
     ok = ?P:kill(C),
-    Downs = ?P:parallel([fun() -> await_nodedown(N, NC, T, 30000) end || {N, T} <- lists:zip([A, B], T0s)]),
+    Downs = ?P:parallel([fun() -> ?P:await_nodedown(N, NC, T, 30000) end || {N, T} <- lists:zip([A, B], T0s)]),
     ct:pal("after set_net_ticktime(8): kill -9 of C detected (ms, reason): ~p", [Downs]),
     Max = lists:max([Ms || {Ms, _} <- Downs]),
     ?assert(Max =< max_detect_ms(8000)),
@@ -781,17 +718,6 @@ ticktime_raised_tenfold_tolerates_silence(Config) ->
 %%% ------------------------------------------------------------------------------------
 %%% Helpers
 %%% ------------------------------------------------------------------------------------
-
-%% Waits for TNode's watcher to record a nodedown for Node: {Ms since T0 (TNode's
-%% clock), nodedown_reason}; fails the case if none comes within Timeout.
-await_nodedown(TNode, Node, T0, Timeout) ->
-    case ?P:call(TNode, ?P, watch_await, [nodedown, Node, Timeout], Timeout + 5000) of
-        {ok, {nodedown, Node, Info, T1}} ->
-            {T1 - T0, proplists:get_value(nodedown_reason, Info)};
-        timeout ->
-            ct:fail({no_nodedown, {on, ?P:node_of(TNode)}, {for, Node}, {within_ms, Timeout},
-                     {nodes, ?P:call(TNode, erlang, nodes, [])}})
-    end.
 
 %% The K-th UDP port of this case's block.
 port(Config, K) when K >= 1, K < ?BLOCK ->

@@ -6,10 +6,11 @@
 %%% Nodes inside a network namespace ({@link start_netns/4}) use their stdio as the
 %%% control connection instead (`connection => standard_io').
 %%%
-%%% A node is a map `#{peer, node, port, os_pid}'. Every started node is remembered by
-%%% a small tracker process, so {@link stop_all/0} (called from `end_per_testcase',
-%%% even after a failed or timed-out case) can stop them, and SIGKILL any that do not
-%%% exit in time.
+%%% A node is a map `#{peer, node, port, os_pid}', started by macula_node (the one
+%%% node-start module, shared with the demo and the benchmark). Every started node is
+%%% remembered by a tracker (macula_test_tracker), so {@link stop_all/0} (called by
+%%% macula_ct_hook after every case, even a failed or timed-out one) can stop them, and
+%%% SIGKILL any that do not exit in time.
 %%%
 %%% The second half of this module runs ON the nodes: a node event watcher
 %%% (`net_kernel:monitor_nodes(true, [nodedown_reason])') whose events carry the
@@ -23,10 +24,13 @@
 %% Test-node side, added for the resilience and network-namespace suites
 -export([start_netns/4, cast/4, signal/2]).
 %% Shared by the suites
--export([parallel/1, node_of/1, port_base/2, wait_nodes/2]).
+-export([parallel/1, node_of/1, port_base/2, wait_nodes/2, nodedown_after/3, await_nodedown/4,
+         closed_nodedown/5]).
 %% Node side (called through call/5)
 -export([watch_start/0, watch_events/0, watch_reset/0, watch_await/3, now_ms/0,
-         spawn_idle/0, idle/0]).
+         spawn_idle/0, idle/0, spawn_registered/2]).
+
+-include_lib("stdlib/include/assert.hrl").
 
 -define(COOKIE, "macula_test").
 -define(TICKTIME, "4").
@@ -51,36 +55,45 @@ start(Port, ExtraArgs) ->
 %% (default "macula_test").
 -spec start(inet:port_number(), [string()], map()) -> tnode().
 start(Port, ExtraArgs, Opts) ->
-    Host = maps:get(host, Opts, "127.0.0.1"),
-    Cookie = maps:get(cookie, Opts, ?COOKIE),
-    Name = integer_to_list(Port),
-    Args = ["-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
-            "-setcookie", Cookie,
-            "-pa", ebin_dir(), "-pa", test_dir(),
-            "-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
-    PeerOpts = #{name => Name, host => Host, longnames => true, connection => 0,
-                 args => Args, wait_boot => 20000},
-    case peer:start(PeerOpts) of
-        {ok, Peer, Node} ->
-            OsPid = list_to_integer(peer:call(Peer, os, getpid, [], ?CALL_TIMEOUT)),
-            TNode = #{peer => Peer, node => Node, port => Port, os_pid => OsPid},
+    start_node(Port, ExtraArgs, Opts, #{connection => 0}).
+
+%% @doc Starts `Port@Host' inside the network namespace `Netns' (`ip netns exec Netns
+%% erl ...'), with the same arguments as start/3 plus `ExtraArgs'. The control
+%% connection is the node's stdio (`connection => standard_io'): peer's default TCP
+%% connection back to this node's 127.0.0.1 cannot leave the namespace. The node is
+%% tracked, so stop_all/0 stops it. Opts as for start/3.
+-spec start_netns(string(), inet:port_number(), [string()], map()) -> tnode().
+start_netns(Netns, Port, ExtraArgs, Opts) ->
+    Erl = case os:find_executable("erl") of
+              false -> error({no_erl_on_path, os:getenv("PATH")});
+              E -> E
+          end,
+    Ip = case os:find_executable("ip") of
+             false -> "/usr/sbin/ip";
+             I -> I
+         end,
+    start_node(Port, ExtraArgs, Opts,
+               #{connection => standard_io, exec => {Ip, ["netns", "exec", Netns, Erl]}}).
+
+start_node(Port, ExtraArgs, Opts, How) ->
+    Args = macula_node:macula_args(maps:get(cookie, Opts, ?COOKIE), [ebin_dir(), test_dir()])
+           ++ ["-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
+    NodeOpts = How#{name => integer_to_list(Port), host => maps:get(host, Opts, "127.0.0.1"),
+                    args => Args, wait_boot => 20000},
+    case macula_node:start(NodeOpts) of
+        {ok, Started} ->
+            TNode = Started#{port => Port},
             track(TNode),
             TNode;
-        {error, Reason} ->
-            error({node_start_failed, Name ++ "@" ++ Host, Reason,
-                   {command_line, "erl -name " ++ Name ++ "@" ++ Host ++ " "
-                                  ++ lists:join(" ", Args)}})
+        {error, Failed} ->
+            error(Failed)
     end.
 
 %% @doc Stops a node (peer:stop, which closes the control connection so the node
 %% halts) and SIGKILLs it if it is still there after 5 s.
 -spec stop(tnode()) -> ok.
-stop(#{peer := Peer, os_pid := OsPid} = TNode) ->
-    catch peer:stop(Peer),
-    case wait_until(fun() -> not is_os_alive(OsPid) end, 5000) of
-        ok -> ok;
-        timeout -> kill(TNode)
-    end,
+stop(TNode) ->
+    macula_node:stop(TNode, 5000),
     untrack(TNode),
     ok.
 
@@ -103,66 +116,13 @@ os_pid(#{os_pid := OsPid}) ->
 
 %% @doc kill -9 of the node's OS process; returns once the process is gone.
 -spec kill(tnode()) -> ok.
-kill(#{os_pid := OsPid}) ->
-    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-    ok = wait_until(fun() -> not is_os_alive(OsPid) end, 5000),
-    ok.
+kill(TNode) ->
+    macula_node:kill(TNode).
 
-%% @doc Whether an OS process exists and is not a zombie (detached nodes are not our
-%% children, so nobody here reaps them).
+%% @doc Whether an OS process exists and is not a zombie.
 -spec is_os_alive(pos_integer()) -> boolean().
 is_os_alive(OsPid) ->
-    case file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat") of
-        {ok, Stat} ->
-            %% "pid (comm) S ...": the state follows the last ')'.
-            [_, After] = string:split(Stat, ")", trailing),
-            case string:trim(After, leading) of
-                <<"Z", _/binary>> -> false;
-                <<"X", _/binary>> -> false;
-                _ -> true
-            end;
-        {error, _} ->
-            false
-    end.
-
-%% @doc Starts `Port@Host' inside the network namespace `Netns' (`ip netns exec Netns
-%% erl ...'), with the same arguments as start/3 plus `ExtraArgs'. The control
-%% connection is the node's stdio (`connection => standard_io'): peer's default TCP
-%% connection back to this node's 127.0.0.1 cannot leave the namespace. The node is
-%% tracked, so stop_all/0 stops it. Opts as for start/3.
--spec start_netns(string(), inet:port_number(), [string()], map()) -> tnode().
-start_netns(Netns, Port, ExtraArgs, Opts) ->
-    Host = maps:get(host, Opts, "127.0.0.1"),
-    Cookie = maps:get(cookie, Opts, ?COOKIE),
-    Name = integer_to_list(Port),
-    Erl = case os:find_executable("erl") of
-              false -> error({no_erl_on_path, os:getenv("PATH")});
-              E -> E
-          end,
-    Ip = case os:find_executable("ip") of
-             false -> "/usr/sbin/ip";
-             I -> I
-         end,
-    Args = ["-proto_dist", "macula", "-no_epmd", "-start_epmd", "false",
-            "-setcookie", Cookie,
-            "-pa", ebin_dir(), "-pa", test_dir(),
-            "-kernel", "net_ticktime", ?TICKTIME | ExtraArgs],
-    PeerOpts = #{name => Name, host => Host, longnames => true,
-                 connection => standard_io,
-                 exec => {Ip, ["netns", "exec", Netns, Erl]},
-                 args => Args, wait_boot => 20000},
-    case peer:start(PeerOpts) of
-        {ok, Peer, Node} ->
-            OsPid = list_to_integer(peer:call(Peer, os, getpid, [], ?CALL_TIMEOUT)),
-            TNode = #{peer => Peer, node => Node, port => Port, os_pid => OsPid},
-            track(TNode),
-            TNode;
-        {error, Reason} ->
-            error({node_start_failed, Name ++ "@" ++ Host, {netns, Netns}, Reason,
-                   {command_line, Ip ++ " netns exec " ++ Netns ++ " " ++ Erl
-                                  ++ " -name " ++ Name ++ "@" ++ Host ++ " "
-                                  ++ lists:join(" ", Args)}})
-    end.
+    macula_node:is_os_alive(OsPid).
 
 %% @doc Sends a signal to the node's OS process (`kill -SIG pid'): "STOP", "CONT", ...
 -spec signal(tnode(), string()) -> ok.
@@ -279,57 +239,10 @@ cookie() ->
 %%% The tracker: which nodes are running
 %%% ------------------------------------------------------------------------------------
 
-track(TNode) -> tracker_call({add, TNode}).
-untrack(TNode) -> tracker_call({remove, TNode}).
-tracked() -> tracker_call(list).
-clear_tracked() -> tracker_call(clear).
-
-tracker_call(Request) ->
-    Tracker = tracker(),
-    Ref = erlang:monitor(process, Tracker),
-    Tracker ! {self(), Ref, Request},
-    receive
-        {Ref, Reply} ->
-            erlang:demonitor(Ref, [flush]),
-            Reply;
-        {'DOWN', Ref, process, _, Reason} ->
-            error({tracker_down, Reason})
-    after 5000 ->
-            error(tracker_timeout)
-    end.
-
-%% Not linked to anyone: it outlives test case processes, so end_per_testcase finds
-%% the nodes of a case that crashed or timed out.
-tracker() ->
-    case whereis(?TRACKER) of
-        undefined ->
-            Pid = spawn(fun() -> tracker_loop([]) end),
-            try register(?TRACKER, Pid) of
-                true -> Pid
-            catch
-                error:badarg ->
-                    exit(Pid, kill),
-                    tracker()
-            end;
-        Pid ->
-            Pid
-    end.
-
-tracker_loop(Nodes) ->
-    receive
-        {From, Ref, {add, N}} ->
-            From ! {Ref, ok},
-            tracker_loop([N | Nodes]);
-        {From, Ref, {remove, N}} ->
-            From ! {Ref, ok},
-            tracker_loop(Nodes -- [N]);
-        {From, Ref, list} ->
-            From ! {Ref, Nodes},
-            tracker_loop(Nodes);
-        {From, Ref, clear} ->
-            From ! {Ref, ok},
-            tracker_loop([])
-    end.
+track(TNode) -> macula_test_tracker:add(?TRACKER, TNode).
+untrack(TNode) -> macula_test_tracker:remove(?TRACKER, TNode).
+tracked() -> macula_test_tracker:list(?TRACKER).
+clear_tracked() -> macula_test_tracker:clear(?TRACKER).
 
 %%% ------------------------------------------------------------------------------------
 %%% Node side: node event watcher
@@ -416,6 +329,17 @@ notify(Events, Waiters) ->
 now_ms() ->
     erlang:monotonic_time(millisecond).
 
+%% @doc Spawns `Body(Ready)' on this node and registers it as `Name' once it has called
+%% `Ready()' (when its setup is done).
+-spec spawn_registered(atom(), fun((fun(() -> term())) -> term())) -> ok.
+spawn_registered(Name, Body) ->
+    Parent = self(),
+    Tag = make_ref(),
+    Pid = spawn(fun() -> Body(fun() -> Parent ! {Tag, ready} end) end),
+    receive {Tag, ready} -> ok end,
+    true = register(Name, Pid),
+    ok.
+
 %% @doc A process on this node that lives until killed (or told `stop').
 -spec spawn_idle() -> pid().
 spawn_idle() ->
@@ -484,3 +408,39 @@ wait_nodes(TNode, Expected) ->
         ok -> ok;
         timeout -> {nodes_not, Want, on, node_of(TNode), but, call(TNode, erlang, nodes, [])}
     end.
+
+%% @doc Connects `A' to `B', runs `Stop()' (which must return ok) and waits up to 20 s
+%% for A's nodedown of B: `{Ms, NodedownReason}', Ms on A's monotonic clock from just
+%% before `Stop()'.
+-spec nodedown_after(tnode(), tnode(), fun(() -> ok)) -> {integer(), term()}.
+nodedown_after(A, B, Stop) ->
+    NB = node_of(B),
+    pong = call(A, net_adm, ping, [NB]),
+    ok = call(A, ?MODULE, watch_start, []),
+    T0 = call(A, ?MODULE, now_ms, []),
+    ok = Stop(),
+    await_nodedown(A, NB, T0, 20000).
+
+%% @doc Waits (the watcher must run on `TNode') for TNode's nodedown of `Node':
+%% `{Ms since T0, NodedownReason}'; fails the case if none comes within `Timeout'.
+-spec await_nodedown(tnode(), node(), integer(), timeout()) -> {integer(), term()}.
+await_nodedown(TNode, Node, T0, Timeout) ->
+    case call(TNode, ?MODULE, watch_await, [nodedown, Node, Timeout], Timeout + 5000) of
+        {ok, {nodedown, Node, Info, T1}} ->
+            {T1 - T0, proplists:get_value(nodedown_reason, Info)};
+        timeout ->
+            ct:fail({no_nodedown, {on, node_of(TNode)}, {for, Node}, {within_ms, Timeout},
+                     {nodes, call(TNode, erlang, nodes, [])}})
+    end.
+
+%% @doc For a `Stop' that ends node B cleanly (init:stop/0, erlang:halt/0), labelled
+%% `What' in the log: A's nodedown of B must say connection_closed and come within
+%% `LimitMs', and B's OS process must exit. Returns the case comment.
+-spec closed_nodedown(string(), tnode(), tnode(), fun(() -> ok), pos_integer()) -> {comment, iodata()}.
+closed_nodedown(What, A, B, Stop, LimitMs) ->
+    {Ms, Reason} = nodedown_after(A, B, Stop),
+    ct:pal("~s: nodedown after ~b ms, reason ~p", [What, Ms, Reason]),
+    ?assertEqual(connection_closed, Reason),
+    ?assert(Ms =< LimitMs),
+    ok = wait_until(fun() -> not is_os_alive(os_pid(B)) end, 10000),
+    {comment, io_lib:format("nodedown after ~b ms, reason ~0p", [Ms, Reason])}.

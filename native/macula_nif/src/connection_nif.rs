@@ -3,11 +3,12 @@
 use std::sync::Arc;
 
 use macula_quic::auth::Role;
-use macula_quic::{ConnError, Connection, SendStatus};
+use macula_quic::cert_subject;
+use macula_quic::{ConnError, Connection, Refusal, SendStatus};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::events::{self, send, ErlangEvents};
-use crate::{atoms, outgoing, runtime, terms};
+use crate::{atoms, outgoing, priority, runtime, terms};
 
 /// A connection as Erlang holds it. When the monitored owner (the controller) dies, or
 /// the last reference goes, the QUIC connection is closed.
@@ -91,30 +92,46 @@ fn recv_handshake(env: Env, conn: Conn) -> Term {
     }
 }
 
-/// Ends the handshake: data packets now flow to `input` as `{macula_data, [Packet]}`.
+/// Ends the handshake: data packets now flow to `input` as `{macula_data, Credit, [Packet]}`.
 #[rustler::nif]
 fn activate(env: Env, conn: Conn, input: LocalPid) -> Term {
     events::set(&conn.conn.events().input, input);
     ok_or_error(env, conn.conn.activate())
 }
 
-/// The input handler has consumed one `macula_data` message.
+/// The input handler has put one `{macula_data, Credit, Packets}` message's packets into
+/// the VM and returns its credit.
 #[rustler::nif]
-fn ack_data(conn: Conn) -> rustler::Atom {
-    conn.conn.ack_data();
-    atoms::ok()
+fn ack_data(conn: Conn, credit: Term) -> NifResult<rustler::Atom> {
+    conn.conn.ack_data(terms::decode_credit(credit)?);
+    Ok(atoms::ok())
 }
 
-/// Queues distribution packets (a list of iodata, one element per packet). Answers
-/// `busy` when the queue is full: stop draining until `macula_writable`.
+/// Queues distribution packets (a list of iodata, one element per packet), each on its
+/// sender's data stream. Answers `busy` when the queues are full: stop draining until
+/// `macula_writable`.
 #[rustler::nif]
 fn send_data<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<'a>> {
-    let framed = outgoing::frame_packets(packets)?;
-    Ok(match conn.conn.send_data(framed.chunks, framed.packets) {
+    let mut packets = outgoing::packets(&mut conn.conn.encoder(), packets)?;
+    priority::apply(&mut packets);
+    Ok(send_status(env, conn.conn.send_data(packets)))
+}
+
+/// As `send_data`, but every packet goes on the fixed stream, whatever its content (raw
+/// packets injected through the controller's `{send, ...}` hook).
+#[rustler::nif]
+fn send_unrouted<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<'a>> {
+    let mut packets = outgoing::packets(&mut conn.conn.encoder(), packets)?;
+    packets.iter_mut().for_each(|p| p.pin_to_fixed_stream());
+    Ok(send_status(env, conn.conn.send_data(packets)))
+}
+
+fn send_status<'a>(env: Env<'a>, status: Result<SendStatus, ConnError>) -> Term<'a> {
+    match status {
         Ok(SendStatus::Ready) => atoms::ok().encode(env),
         Ok(SendStatus::Busy) => atoms::busy().encode(env),
         Err(e) => error_term(env, e),
-    })
+    }
 }
 
 /// The role atom of a cookie proof.
@@ -159,11 +176,19 @@ fn auth_verify<'a>(
     })
 }
 
-/// Closes a connection whose peer did not authenticate (QUIC close code 2).
+/// Closes a connection whose peer did not authenticate: close code 2 for
+/// `not_authenticated`, 3 for `bad_node_name`; `why` is the reason phrase it sees.
 #[rustler::nif]
-fn refuse(conn: Conn, why: String) -> rustler::Atom {
-    conn.conn.refuse(&why);
-    atoms::ok()
+fn refuse(conn: Conn, kind: rustler::Atom, why: String) -> NifResult<rustler::Atom> {
+    let refusal = if kind == atoms::not_authenticated() {
+        Refusal::NotAuthenticated
+    } else if kind == atoms::bad_node_name() {
+        Refusal::BadNodeName
+    } else {
+        return Err(rustler::Error::BadArg);
+    };
+    conn.conn.refuse(refusal, &why);
+    Ok(atoms::ok())
 }
 
 /// Queues a tick on the control stream.
@@ -187,27 +212,53 @@ fn close(conn: Conn) -> rustler::Atom {
     atoms::ok()
 }
 
-/// Facts about the connection: addresses, TLS, path.
+/// Facts about the connection: addresses, TLS, path, traffic counters. One read of
+/// quinn's statistics, no waiting. (Per-stream facts belong here too, as a `streams`
+/// entry, once a connection has more than one data stream.)
 #[rustler::nif]
 fn info(env: Env, conn: Conn) -> NifResult<Term> {
     let c = &conn.conn;
     let quic = c.quic();
-    let path = quic.stats().path;
+    let stats = quic.stats();
+    let path = stats.path;
+    let frames = c.stats();
     let local = quic.local_ip().map(|ip| ip.to_string()).unwrap_or_default();
+    let subject = match macula_quic::tls::peer_certificate(quic).and_then(|cert| cert_subject::subject(&cert)) {
+        Some(subject) => terms::text(env, &subject),
+        None => atoms::undefined().encode(env),
+    };
     let pairs: Vec<(Term, Term)> = vec![
         (atoms::peer().encode(env), terms::encode_addr(env, c.remote_address())),
         (atoms::local().encode(env), terms::text(env, &local)),
         (atoms::protocol().encode(env), atoms::quic().encode(env)),
         (atoms::tls_version().encode(env), terms::text(env, macula_quic::tls::TLS_VERSION)),
         (atoms::cipher_suite().encode(env), terms::text(env, macula_quic::tls::CIPHER_SUITE)),
-        (atoms::alpn().encode(env), terms::bytes(env, macula_quic::tls::ALPN)),
+        (atoms::alpn().encode(env), terms::bytes(env, macula_quic::wire::ALPN)),
+        (atoms::peer_subject().encode(env), subject),
         (atoms::rtt_us().encode(env), (quic.rtt().as_micros() as u64).encode(env)),
         (atoms::mtu().encode(env), path.current_mtu.encode(env)),
-        (atoms::lost_packets().encode(env), path.lost_packets.encode(env)),
-        (atoms::sent_packets().encode(env), path.sent_packets.encode(env)),
         (atoms::congestion_window().encode(env), path.cwnd.encode(env)),
+        (atoms::congestion_events().encode(env), path.congestion_events.encode(env)),
+        (atoms::sent_packets().encode(env), path.sent_packets.encode(env)),
+        (atoms::lost_packets().encode(env), path.lost_packets.encode(env)),
+        (atoms::lost_bytes().encode(env), path.lost_bytes.encode(env)),
+        (atoms::bytes_sent().encode(env), stats.udp_tx.bytes.encode(env)),
+        (atoms::bytes_received().encode(env), stats.udp_rx.bytes.encode(env)),
+        (atoms::datagrams_sent().encode(env), stats.udp_tx.datagrams.encode(env)),
+        (atoms::datagrams_received().encode(env), stats.udp_rx.datagrams.encode(env)),
+        (atoms::frames_sent().encode(env), frames.sent.encode(env)),
+        (atoms::frames_received().encode(env), frames.received.encode(env)),
         (atoms::initiator().encode(env), c.is_initiator().encode(env)),
         (atoms::probes().encode(env), c.probes().encode(env)),
+        (atoms::data_streams().encode(env), data_streams(env, c.data_streams())),
+        (atoms::send_queued().encode(env), c.stats().pending.encode(env)),
     ];
     Term::map_from_pairs(env, &pairs)
+}
+
+/// `#{pool => N, out => Opened, in => OpenedByPeer}`.
+fn data_streams(env: Env, (out, into, pool): (usize, usize, usize)) -> Term {
+    let pairs = [(atoms::pool(), pool), (atoms::out(), out), (atoms::r#in(), into)];
+    let pairs: Vec<(Term, Term)> = pairs.iter().map(|(k, v)| (k.encode(env), v.encode(env))).collect();
+    Term::map_from_pairs(env, &pairs).unwrap_or_else(|_| pool.encode(env))
 }

@@ -165,16 +165,31 @@ fn close_endpoint(env: Env, endpoint: ResourceArc<EndpointResource>) -> rustler:
     atoms::ok()
 }
 
-/// Moves the endpoint to a new local UDP address (connection migration).
+/// Moves the endpoint to a new local UDP address (connection migration). The socket is
+/// bound on a runtime thread, not the caller's scheduler; the caller gets
+/// `{macula_rebind, ok | {error, {bind, Message}}}`.
 #[rustler::nif]
-fn rebind<'a>(env: Env<'a>, endpoint: ResourceArc<EndpointResource>, ip: Term<'a>, port: u16) -> NifResult<Term<'a>> {
+fn start_rebind<'a>(
+    env: Env<'a>,
+    endpoint: ResourceArc<EndpointResource>,
+    ip: Term<'a>,
+    port: u16,
+) -> NifResult<rustler::Atom> {
     let addr = SocketAddr::new(terms::decode_ip(ip)?, port);
     let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
-    let _context = runtime.enter();
-    Ok(match endpoint.endpoint.rebind(addr) {
-        Ok(()) => atoms::ok().encode(env),
-        Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
-    })
+    let caller = env.pid();
+    let endpoint = endpoint.endpoint.clone();
+    runtime.spawn(async move {
+        let result = endpoint.rebind(addr);
+        send(&caller, |env| {
+            let reply = match &result {
+                Ok(()) => atoms::ok().encode(env),
+                Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
+            };
+            (atoms::macula_rebind(), reply).encode(env)
+        });
+    });
+    Ok(atoms::ok())
 }
 
 /// Whether the certificate the peer of `conn` presented in the TLS handshake covers

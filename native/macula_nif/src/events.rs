@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 
 use macula_quic::frame::PacketBuf;
-use macula_quic::{CloseReason, Events};
+use macula_quic::{CloseReason, Credit, Events};
 use rustler::{Binary, Encoder, Env, LocalPid, OwnedBinary, OwnedEnv, Term};
 
 use crate::{atoms, terms};
@@ -78,11 +78,11 @@ impl Events for ErlangEvents {
         }
     }
 
-    fn data(&self, packets: Vec<ErlangBinary>) {
+    fn data(&self, packets: Vec<ErlangBinary>, credit: Credit) {
         if let Some(pid) = get(&self.input) {
             send(&pid, |env| {
                 let list: Vec<Term> = packets.into_iter().map(|p| Binary::from_owned(p.0, env).encode(env)).collect();
-                (atoms::macula_data(), list).encode(env)
+                (atoms::macula_data(), terms::credit(env, credit), list).encode(env)
             });
         }
     }

@@ -8,6 +8,7 @@ mod connection_nif;
 mod endpoint_nif;
 mod events;
 mod outgoing;
+mod priority;
 mod runtime;
 mod shutdown;
 mod terms;

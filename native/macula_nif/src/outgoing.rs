@@ -1,26 +1,24 @@
-//! Framing of outgoing distribution packets without copying their large binaries.
+//! Outgoing distribution packets from Erlang iodata, without copying their large binaries.
 //!
 //! `dist_ctrl_get_data/1` returns each packet as an iovec: a small header binary and,
-//! for big messages, references into large refc binaries. Small pieces are copied next
-//! to their frame header; pieces of at least [`BORROW_THRESHOLD`] bytes are handed to
-//! QUIC as they are, kept alive by a copy of the packet list in a process-independent
-//! environment (copying a term shares its refc binaries instead of copying their bytes).
-//! QUIC then copies each byte once, into the packet it encrypts.
+//! for big messages, references into large refc binaries. The core's encoder frames
+//! them (the wire format is `macula_quic`'s); this module only decides which pieces are
+//! copied and which are borrowed: pieces of at least [`BORROW_THRESHOLD`] bytes are
+//! handed to QUIC as they are, kept alive by a copy of the packet list in a
+//! process-independent environment (copying a term shares its refc binaries instead of
+//! copying their bytes). QUIC then copies each byte once, into the packet it encrypts.
+
+// Unsafe code: the Send/Sync claims and the slice view of a pinned binary below.
+#![allow(unsafe_code)]
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use macula_quic::frame::data_frame_header;
+use bytes::Bytes;
+use macula_quic::frame::{DataEncoder, OutgoingPacket};
 use rustler::{Binary, NifResult, OwnedEnv, Term};
 
 /// Pieces at least this large are borrowed rather than copied.
 const BORROW_THRESHOLD: usize = 4096;
-
-/// Framed packets ready for the data stream.
-pub struct Framed {
-    pub chunks: Vec<Bytes>,
-    pub packets: u64,
-}
 
 /// Keeps the binaries of one `send_data` call alive while QUIC holds pieces of them.
 struct Pinned {
@@ -57,37 +55,30 @@ struct Piece<'a> {
     borrowable: bool,
 }
 
-/// Frames `list` (a list of iodata, one element per distribution packet).
-pub fn frame_packets(list: Term) -> NifResult<Framed> {
+/// Turns `list` (a list of iodata, one element per distribution packet) into packets
+/// framed by the core's encoder.
+pub fn packets(encoder: &mut DataEncoder, list: Term) -> NifResult<Vec<OutgoingPacket>> {
     let mut pin: Option<Arc<Pinned>> = None;
-    let mut chunks = Vec::new();
-    let mut small = BytesMut::new();
-    let mut packets = 0;
+    let mut out = Vec::new();
     for packet in list.decode::<rustler::ListIterator>()? {
         let pieces = pieces(packet)?;
         let len: usize = pieces.iter().map(|p| p.bytes.len()).sum();
-        small.extend_from_slice(&data_frame_header(len).map_err(|_| rustler::Error::BadArg)?);
+        let mut framed = encoder.packet(len).map_err(|_| rustler::Error::BadArg)?;
         for piece in pieces {
             if piece.borrowable && piece.bytes.len() >= BORROW_THRESHOLD {
                 let pin = pin.get_or_insert_with(|| pin_term(list)).clone();
-                if !small.is_empty() {
-                    chunks.push(small.split().freeze());
-                }
-                chunks.push(Bytes::from_owner(Borrowed {
+                framed.borrow(Bytes::from_owner(Borrowed {
                     _pin: pin,
                     ptr: piece.bytes.as_ptr(),
                     len: piece.bytes.len(),
                 }));
             } else {
-                small.extend_from_slice(piece.bytes);
+                framed.copy(piece.bytes);
             }
         }
-        packets += 1;
+        out.push(framed.finish().map_err(|_| rustler::Error::BadArg)?);
     }
-    if !small.is_empty() {
-        chunks.push(small.freeze());
-    }
-    Ok(Framed { chunks, packets })
+    Ok(out)
 }
 
 fn pin_term(term: Term) -> Arc<Pinned> {

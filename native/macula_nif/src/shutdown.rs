@@ -6,6 +6,9 @@
 //! moment to leave, then stops the tokio threads: left running, they would call into a
 //! process that is being torn down (seen as crashes at exit).
 
+// Unsafe code: the call to libc's atexit below.
+#![allow(unsafe_code)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;

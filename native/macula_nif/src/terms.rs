@@ -4,9 +4,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use macula_quic::routing::Class;
 use macula_quic::settings::Congestion;
 use macula_quic::tls::PkiFiles;
-use macula_quic::{CloseReason, Settings};
+use macula_quic::{CloseReason, Credit, Settings};
 use rustler::{Binary, Encoder, Env, Error, NifMap, NifResult, Term};
 
 use crate::atoms;
@@ -74,6 +75,28 @@ pub fn close_reason<'a>(env: Env<'a>, reason: &CloseReason) -> Term<'a> {
     }
 }
 
+/// `{normal | priority, Bytes}`: the credit a `macula_data` message holds.
+pub fn credit(env: Env, credit: Credit) -> Term {
+    let class = match credit.class {
+        Class::Normal => atoms::normal(),
+        Class::Priority => atoms::priority(),
+    };
+    (class, credit.bytes).encode(env)
+}
+
+/// The credit the input handler hands back with `ack_data/2`.
+pub fn decode_credit(term: Term) -> NifResult<Credit> {
+    let (class, bytes): (rustler::Atom, u32) = term.decode()?;
+    let class = if class == atoms::normal() {
+        Class::Normal
+    } else if class == atoms::priority() {
+        Class::Priority
+    } else {
+        return Err(Error::BadArg);
+    };
+    Ok(Credit { class, bytes })
+}
+
 /// Endpoint options as `macula_dist_config:nif_options/1` builds them (all keys present).
 #[derive(NifMap)]
 pub struct EndpointOptions {
@@ -82,9 +105,10 @@ pub struct EndpointOptions {
     pub stream_window: u64,
     pub send_window: u64,
     pub send_queue_limit: usize,
+    pub data_streams: usize,
     pub max_packet: usize,
     pub max_udp_payload: u16,
-    pub delivery_credit: usize,
+    pub delivery_window: usize,
     pub max_pending_handshakes: usize,
     pub runtime_workers: usize,
     pub congestion: rustler::Atom,
@@ -108,9 +132,10 @@ impl EndpointOptions {
             stream_window: self.stream_window,
             send_window: self.send_window,
             send_queue_limit: self.send_queue_limit,
+            data_streams: self.data_streams,
             max_packet: self.max_packet,
             max_udp_payload: self.max_udp_payload,
-            delivery_credit: self.delivery_credit,
+            delivery_window: self.delivery_window,
             max_pending_handshakes: self.max_pending_handshakes,
             congestion: self.congestion()?,
             pki: self.pki(),

@@ -5,13 +5,16 @@
 //!   cookie proofs and the `dist_util` handshake (2-byte frames) and then ticks (empty
 //!   frames) at a higher send priority than data, so liveness never waits behind bulk
 //!   traffic;
-//! * one unidirectional **data stream** per direction carrying distribution packets
-//!   (4-byte frames), in order.
+//! * unidirectional **data streams** carrying distribution packets (4-byte frames): one,
+//!   in order (single-stream mode, `data_streams` 1), or a pool where each sending
+//!   process keeps to one stream, plus one stream of higher urgency for prioritised
+//!   processes (see [`crate::routing`]).
 //!
-//! Flow of bytes, outwards: `send_data` (NIF, never blocks) → `SendQueue` → data writer
-//! task → QUIC. Inwards: QUIC → data reader task → [`Events::data`], which is only called
-//! while the Erlang input handler holds delivery credit; without credit the reader stops
-//! reading and QUIC flow control pushes back on the sender.
+//! Flow of bytes, outwards: `send_data` (NIF, never blocks) → per-stream queues
+//! ([`crate::data_out`]) → one writer task per stream → QUIC. Inwards: QUIC → one reader
+//! task per stream → [`Events::data`], which is only called while the Erlang input
+//! handler holds delivery credit (shared fairly by the readers); without credit a reader
+//! stops reading and QUIC flow control pushes back on that stream's sender.
 //!
 //! Nothing here trusts the peer: every malformed frame closes this connection only.
 
@@ -23,24 +26,30 @@ use std::sync::{Arc, Mutex, OnceLock};
 use bytes::Bytes;
 use quinn::{ConnectionError, RecvStream, SendStream, VarInt};
 use thiserror::Error;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
+use crate::admission::{Established, Gate};
 use crate::auth::{self, Role, PROOF_LEN};
-use crate::endpoint::{Established, Gate};
-use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, PacketBuf};
-use crate::graceful_close::PeerEnded;
+use crate::data_in::{Batch, Credit, Delivery};
+use crate::data_out::DataOut;
+pub use crate::data_out::SendStatus;
+use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, OutgoingPacket, PacketBuf};
+use crate::graceful_close::{self, PeerEnded};
 use crate::liveness;
+use crate::routing::Class;
 use crate::settings::Settings;
+use crate::wire::{close_code, stream_kind, urgency};
 
-/// Application close codes sent in QUIC CONNECTION_CLOSE frames.
-pub mod close_code {
-    /// The distribution connection was taken down on purpose.
-    pub const SHUTDOWN: u32 = 0;
-    /// The peer broke the framing or stream protocol.
-    pub const PROTOCOL_VIOLATION: u32 = 1;
-    /// The peer did not prove it knows the cookie.
-    pub const NOT_AUTHENTICATED: u32 = 2;
+/// Why a connection is refused before its peer authenticated. Each has its own close
+/// code, so the refused peer can tell a wrong cookie from a rejected name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    NotAuthenticated,
+    BadNodeName,
 }
+
+/// A refusal's reason phrase is cut to this many bytes: it must fit in one packet.
+const MAX_REFUSAL_PHRASE: usize = 200;
 
 /// Where a connection's events go. Implemented by the NIF (Erlang messages) and by tests.
 pub trait Events: Send + Sync + 'static {
@@ -49,9 +58,10 @@ pub trait Events: Send + Sync + 'static {
     /// A handshake message for an owner that found none waiting in
     /// [`Connection::take_handshake_frame`].
     fn handshake_frame(&self, frame: Vec<u8>);
-    /// Complete distribution packets in arrival order; uses one delivery credit.
-    fn data(&self, packets: Vec<Self::Packet>);
-    /// The send queue drained after [`Connection::send_data`] answered [`SendStatus::Busy`].
+    /// Complete distribution packets of one stream, in arrival order, holding `credit`
+    /// until it comes back through [`Connection::ack_data`].
+    fn data(&self, packets: Vec<Self::Packet>, credit: Credit);
+    /// The send queues drained after [`Connection::send_data`] answered [`SendStatus::Busy`].
     fn writable(&self);
     /// The connection is gone; called once.
     fn closed(&self, reason: &CloseReason);
@@ -96,15 +106,6 @@ impl CloseReason {
     }
 }
 
-/// Answer of [`Connection::send_data`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum SendStatus {
-    /// Queued; send more.
-    Ready,
-    /// Queued, but the queue is full: stop until [`Events::writable`].
-    Busy,
-}
-
 /// Errors of the operations the Erlang side invokes.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConnError {
@@ -119,21 +120,13 @@ pub enum ConnError {
 /// Counters for `dist_util`'s tick supervision (`mf_getstat`).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// Reads from the peer (any stream, ticks included): moves while the peer is alive.
+    /// Frames received from the peer (distribution packets, handshake messages and
+    /// ticks): moves while the peer is alive.
     pub received: u64,
     /// Data packets queued plus ticks written.
     pub sent: u64,
     /// Bytes queued and not yet handed to QUIC.
     pub pending: u64,
-}
-
-/// Packets from `send_data` waiting for the data writer.
-#[derive(Default)]
-struct SendQueue {
-    chunks: Mutex<VecDeque<Bytes>>,
-    bytes: AtomicUsize,
-    want_writable: AtomicBool,
-    wake: Notify,
 }
 
 /// Control-stream output: handshake frames, then ticks; finally, on a graceful close,
@@ -144,7 +137,7 @@ struct ControlOut {
     tick: AtomicBool,
     closing: AtomicBool,
     wake: Notify,
-    /// The data writer has ended its stream (graceful close).
+    /// Every data writer has ended its stream (graceful close).
     data_ended: Notify,
 }
 
@@ -160,10 +153,16 @@ pub struct Connection<E: Events> {
     initiator: bool,
     control_out: ControlOut,
     peer_ended: PeerEnded,
-    data_out: SendQueue,
+    data_out: DataOut,
+    /// Data streams this side has opened.
+    streams_out: AtomicUsize,
+    /// Data writers that have not ended their stream yet (graceful close).
+    writers_left: AtomicUsize,
+    /// Data streams the peer has opened towards us.
+    streams_in: AtomicUsize,
     handshake_in: Mutex<HandshakeInbox>,
     handshake_space: Notify,
-    data_credit: Semaphore,
+    delivery: Delivery,
     activated: AtomicBool,
     activate: Notify,
     received: AtomicU64,
@@ -177,6 +176,9 @@ impl<E: Events> Connection<E> {
     /// open. Must run inside the tokio runtime.
     pub fn start(established: Established, initiator: bool, events: E, settings: Arc<Settings>) -> Arc<Self> {
         let Established { quic, control, gate, unreachable } = established;
+        let data_out = DataOut::new(settings.data_streams, settings.send_queue_limit);
+        let delivery = Delivery::new(settings.delivery_window);
+        let writers = data_out.stream_count();
         let conn = Arc::new(Connection {
             quic,
             gate,
@@ -185,10 +187,13 @@ impl<E: Events> Connection<E> {
             initiator,
             control_out: ControlOut::default(),
             peer_ended: PeerEnded::default(),
-            data_out: SendQueue::default(),
+            data_out,
+            streams_out: AtomicUsize::new(0),
+            writers_left: AtomicUsize::new(writers),
+            streams_in: AtomicUsize::new(0),
             handshake_in: Mutex::new(HandshakeInbox::default()),
             handshake_space: Notify::new(),
-            data_credit: Semaphore::new(0),
+            delivery,
             activated: AtomicBool::new(false),
             activate: Notify::new(),
             received: AtomicU64::new(0),
@@ -200,8 +205,10 @@ impl<E: Events> Connection<E> {
         tokio::spawn(conn.clone().watch_close());
         tokio::spawn(conn.clone().write_control(control_send));
         tokio::spawn(conn.clone().read_control(control_recv));
-        tokio::spawn(conn.clone().write_data());
-        tokio::spawn(conn.clone().read_data());
+        for index in 0..conn.data_out.stream_count() {
+            tokio::spawn(conn.clone().write_data(index));
+        }
+        tokio::spawn(conn.clone().accept_data_streams());
         tokio::spawn(liveness::watch(conn.clone(), unreachable));
         conn
     }
@@ -240,8 +247,9 @@ impl<E: Events> Connection<E> {
         Ok(None)
     }
 
-    /// Ends the handshake phase: data stream reading starts with `credit` messages of
-    /// delivery credit, and non-empty control frames become protocol violations.
+    /// Ends the handshake phase: data stream reading starts (with `delivery_window`
+    /// bytes of delivery credit), and non-empty control frames become protocol
+    /// violations.
     pub fn activate(&self) -> Result<(), ConnError> {
         self.check_open()?;
         if !lock(&self.handshake_in).frames.is_empty() {
@@ -249,39 +257,40 @@ impl<E: Events> Connection<E> {
             return Err(ConnError::Closed);
         }
         if !self.activated.swap(true, Ordering::AcqRel) {
-            self.data_credit.add_permits(self.settings.delivery_credit);
-            self.activate.notify_one();
+            self.delivery.open();
+            // Every data stream's reader waits for this, not just one.
+            self.activate.notify_waiters();
             // Wakes a control reader waiting for inbox room: its message is a violation now.
             self.handshake_space.notify_one();
         }
         Ok(())
     }
 
-    /// Returns one delivery credit (the input handler consumed a data message).
-    pub fn ack_data(&self) {
-        self.data_credit.add_permits(1);
+    /// Returns the credit of a delivered batch (the input handler put it into the VM).
+    pub fn ack_data(&self, credit: Credit) {
+        self.delivery.release(credit);
     }
 
-    /// Queues already framed data (`packets` frames in `chunks`). Never blocks.
-    pub fn send_data(&self, chunks: Vec<Bytes>, packets: u64) -> Result<SendStatus, ConnError> {
+    /// An encoder for this connection's outgoing packets (it reads senders only when
+    /// the connection routes by sender).
+    pub fn encoder(&self) -> frame::DataEncoder {
+        frame::DataEncoder::new(self.data_out.by_sender())
+    }
+
+    /// Queues framed packets on their data streams. Never blocks.
+    pub fn send_data(&self, packets: Vec<OutgoingPacket>) -> Result<SendStatus, ConnError> {
         self.check_open()?;
-        let queue = &self.data_out;
-        let len = chunks.iter().map(Bytes::len).sum();
-        lock(&queue.chunks).extend(chunks);
-        let queued = queue.bytes.fetch_add(len, Ordering::SeqCst) + len;
-        self.sent.fetch_add(packets, Ordering::Relaxed);
-        queue.wake.notify_one();
-        if queued < self.settings.send_queue_limit {
-            return Ok(SendStatus::Ready);
-        }
-        queue.want_writable.store(true, Ordering::SeqCst);
-        // The writer may have drained the queue before it could see the flag.
-        if queue.bytes.load(Ordering::SeqCst) <= self.low_watermark()
-            && queue.want_writable.swap(false, Ordering::SeqCst)
-        {
-            return Ok(SendStatus::Ready);
-        }
-        Ok(SendStatus::Busy)
+        self.sent.fetch_add(packets.len() as u64, Ordering::Relaxed);
+        Ok(self.data_out.push(packets))
+    }
+
+    /// Data streams: `(opened by this side, opened by the peer, pool size)`.
+    pub fn data_streams(&self) -> (usize, usize, usize) {
+        (
+            self.streams_out.load(Ordering::Relaxed),
+            self.streams_in.load(Ordering::Relaxed),
+            self.data_out.stream_count(),
+        )
     }
 
     /// This side's cookie proof for this TLS session (see [`crate::auth`]).
@@ -299,9 +308,18 @@ impl<E: Events> Connection<E> {
         Ok(valid)
     }
 
-    /// Closes the connection because the peer did not authenticate.
-    pub fn refuse(&self, why: &str) {
-        self.close_with(CloseReason::NotAuthenticated(why.into()), close_code::NOT_AUTHENTICATED, b"not authenticated");
+    /// Closes the connection because the peer did not authenticate; `why` is the
+    /// reason phrase the peer sees (cut to [`MAX_REFUSAL_PHRASE`] bytes).
+    pub fn refuse(&self, refusal: Refusal, why: &str) {
+        let code = match refusal {
+            Refusal::NotAuthenticated => close_code::NOT_AUTHENTICATED,
+            Refusal::BadNodeName => close_code::BAD_NODE_NAME,
+        };
+        let mut end = why.len().min(MAX_REFUSAL_PHRASE);
+        while !why.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.close_with(CloseReason::NotAuthenticated(why.into()), code, &why.as_bytes()[..end]);
     }
 
     fn exporter(&self) -> Result<[u8; PROOF_LEN], ConnError> {
@@ -330,7 +348,7 @@ impl<E: Events> Connection<E> {
         Stats {
             received: self.received.load(Ordering::Relaxed),
             sent: self.sent.load(Ordering::Relaxed),
-            pending: self.data_out.bytes.load(Ordering::Relaxed) as u64,
+            pending: self.data_out.queued() as u64,
         }
     }
 
@@ -340,7 +358,7 @@ impl<E: Events> Connection<E> {
     pub fn close_gracefully(&self) {
         self.control_out.closing.store(true, Ordering::Release);
         self.control_out.wake.notify_one();
-        self.data_out.wake.notify_one();
+        self.data_out.wake_all();
     }
 
     /// Closes the connection normally, at once (idempotent).
@@ -381,10 +399,6 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    fn low_watermark(&self) -> usize {
-        self.settings.send_queue_limit / 2
-    }
-
     fn violation(&self, what: String) {
         self.close_with(CloseReason::ProtocolViolation(what), close_code::PROTOCOL_VIOLATION, b"protocol violation");
     }
@@ -394,13 +408,13 @@ impl<E: Events> Connection<E> {
         let reason = self.close_reason.get_or_init(|| CloseReason::from_quic(&error)).clone();
         // Wake every task parked on a semaphore or notification so it can exit.
         self.handshake_space.notify_one();
-        self.data_credit.close();
-        self.activate.notify_one();
+        self.delivery.close();
+        self.activate.notify_waiters();
         self.events.closed(&reason);
     }
 
     async fn write_control(self: Arc<Self>, mut stream: SendStream) {
-        let _ = stream.set_priority(1);
+        let _ = stream.set_priority(urgency::CONTROL);
         loop {
             tokio::select! {
                 _ = self.control_out.wake.notified() => {}
@@ -424,11 +438,18 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    /// This side's half of a graceful close (see `crate::graceful_close`): once the data writer
-    /// has ended its stream, end the control stream and wait for the peer to close.
+    /// This side's half of a graceful close (see `crate::graceful_close`): once every
+    /// data writer has ended its stream, say how many there were, end the control stream
+    /// and wait for the peer to close.
     async fn finish_gracefully(&self, mut control: SendStream) {
         let ended = async {
             self.control_out.data_ended.notified().await;
+            if self.activated.load(Ordering::Acquire) {
+                let opened = self.streams_out.load(Ordering::Acquire);
+                if control.write_all(&graceful_close::end_of_data_frame(opened)).await.is_err() {
+                    return;
+                }
+            }
             let _ = control.finish();
             self.quic.closed().await;
         };
@@ -447,17 +468,30 @@ impl<E: Events> Connection<E> {
                 Ok(None) => return self.close_after_peer_finished().await,
                 Err(_) => return,
             };
-            self.received.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = decoder.feed(&chunk, |f| frames.push(f)) {
                 return self.violation(format!("control stream: {e}"));
             }
+            self.received.fetch_add(frames.len() as u64, Ordering::Relaxed);
             for frame in frames.drain(..) {
                 let Frame::Packet(message) = frame else { continue };
+                if let Some(streams) = self.end_of_data(&message) {
+                    self.peer_ended.expect_data_streams(streams);
+                    continue;
+                }
                 if !self.file_handshake_frame(message).await {
                     return;
                 }
             }
         }
+    }
+
+    /// The number of data streams in the peer's end-of-data message, the last control
+    /// frame of its graceful close; only after the handshake.
+    fn end_of_data(&self, message: &[u8]) -> Option<usize> {
+        if !self.activated.load(Ordering::Acquire) {
+            return None;
+        }
+        graceful_close::parse_end_of_data(message)
     }
 
     /// Hands a handshake message to a waiting owner, or keeps it (at most
@@ -489,121 +523,151 @@ impl<E: Events> Connection<E> {
         }
     }
 
-    /// The peer ended its control stream: it is closing gracefully. Once its data
-    /// stream has been read to the end too (before the handshake is over there is none
-    /// to wait for), close from this side at once; after a timeout, regardless.
+    /// The peer ended its control stream: it is closing gracefully. Once every data
+    /// stream it said it opened has been read to the end too (before the handshake is
+    /// over there is none to wait for), close from this side at once; after a timeout,
+    /// regardless.
     async fn close_after_peer_finished(&self) {
-        self.peer_ended.mark(&self.peer_ended.control);
+        self.peer_ended.mark_control();
         let activated = &self.activated;
-        self.peer_ended.wait_until(|ended| !activated.load(Ordering::Acquire) || ended.data.load(Ordering::Acquire)).await;
+        self.peer_ended.wait_until(|ended| !activated.load(Ordering::Acquire) || ended.all_data_ended()).await;
         self.close_with(CloseReason::PeerClosed, close_code::SHUTDOWN, b"closed");
     }
 
-    /// The peer ended its data stream, which it may only do while closing gracefully:
+    /// The peer ended a data stream, which it may only do while closing gracefully:
     /// hands over what is left, then expects the control stream to end too.
-    async fn data_stream_ended(&self, mut batch: Batch<E::Packet>) {
+    async fn data_stream_ended(&self, mut batch: Batch<E::Packet>, class: Class) {
         if !batch.packets.is_empty() {
-            let Ok(permit) = self.data_credit.acquire().await else { return };
-            permit.forget();
-            self.events.data(batch.take());
+            let Ok(credit) = self.delivery.acquire(class, batch.bytes).await else { return };
+            self.events.data(batch.take().0, credit);
         }
-        self.peer_ended.mark(&self.peer_ended.data);
-        if !self.peer_ended.wait_until(|ended| ended.control.load(Ordering::Acquire)).await {
+        self.peer_ended.mark_data_stream();
+        if !self.peer_ended.wait_until(|ended| ended.control_ended()).await {
             self.violation("data stream finished by peer".into());
         }
     }
 
-    /// End of this side's data stream in a graceful close (the queue is written out).
+    /// End of one of this side's data streams in a graceful close (its queue is written
+    /// out); the last writer to get here lets the control stream end.
     async fn end_data_stream(&self, stream: Option<SendStream>) {
-        let stream = match stream {
-            Some(stream) => Some(stream),
-            None => self.quic.open_uni().await.ok(),
-        };
         if let Some(mut stream) = stream {
             let _ = stream.finish();
         }
-        self.control_out.data_ended.notify_one();
+        if self.writers_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.control_out.data_ended.notify_one();
+        }
     }
 
-    async fn write_data(self: Arc<Self>) {
-        let mut stream = None;
-        let mut batch: Vec<Bytes> = Vec::new();
+    async fn write_data(self: Arc<Self>, index: usize) {
+        let urgency =
+            if self.data_out.priority_stream() == Some(index) { urgency::PRIORITY_DATA } else { urgency::DATA };
+        let mut stream: Option<SendStream> = None;
         loop {
-            batch.extend(lock(&self.data_out.chunks).drain(..));
+            let mut batch = self.data_out.take(index);
             if batch.is_empty() {
                 if self.control_out.closing.load(Ordering::Acquire) {
                     return self.end_data_stream(stream).await;
                 }
                 tokio::select! {
-                    _ = self.data_out.wake.notified() => continue,
+                    _ = self.data_out.queued_on(index) => continue,
                     _ = self.quic.closed() => return,
                 }
             }
-            if stream.is_none() {
-                match self.quic.open_uni().await {
-                    Ok(s) => stream = Some(s),
-                    Err(_) => return,
+            let out = match stream.as_mut() {
+                Some(out) => out,
+                None => {
+                    let Ok(mut opened) = self.quic.open_uni().await else { return };
+                    let _ = opened.set_priority(urgency);
+                    let kind = if urgency == urgency::DATA { stream_kind::NORMAL } else { stream_kind::PRIORITY };
+                    if opened.write_all(&[kind]).await.is_err() {
+                        return;
+                    }
+                    self.streams_out.fetch_add(1, Ordering::Relaxed);
+                    stream.insert(opened)
                 }
-            }
-            let Some(out) = stream.as_mut() else { return };
+            };
             let len: usize = batch.iter().map(Bytes::len).sum();
             if out.write_all_chunks(&mut batch).await.is_err() {
                 return;
             }
-            batch.clear();
-            let left = self.data_out.bytes.fetch_sub(len, Ordering::SeqCst) - len;
-            if left <= self.low_watermark() && self.data_out.want_writable.swap(false, Ordering::SeqCst) {
+            if self.data_out.written(index, len) {
                 self.events.writable();
             }
         }
     }
 
-    async fn read_data(self: Arc<Self>) {
-        let mut stream = tokio::select! {
-            accepted = self.quic.accept_uni() => match accepted {
-                Ok(stream) => stream,
-                Err(_) => return,
-            },
-            _ = self.quic.closed() => return,
-        };
-        while !self.activated.load(Ordering::Acquire) {
-            // Data that arrives before the handshake completes stays in QUIC's buffers.
-            self.activate.notified().await;
+    /// Starts a reader for every data stream the peer opens (at most
+    /// [`crate::wire::MAX_DATA_STREAMS`], by the transport parameters).
+    async fn accept_data_streams(self: Arc<Self>) {
+        loop {
+            let stream = tokio::select! {
+                accepted = self.quic.accept_uni() => match accepted {
+                    Ok(stream) => stream,
+                    Err(_) => return,
+                },
+                _ = self.quic.closed() => return,
+            };
+            self.streams_in.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(self.clone().read_data(stream));
+        }
+    }
+
+    async fn read_data(self: Arc<Self>, mut stream: RecvStream) {
+        // Data that arrives before the handshake completes stays in QUIC's buffers.
+        loop {
+            // Registered before the check, so a notify_waiters() in between is not lost.
+            let activated = self.activate.notified();
             if self.close_reason.get().is_some() {
                 return;
             }
+            if self.activated.load(Ordering::Acquire) {
+                break;
+            }
+            activated.await;
         }
+        // The stream's first byte says what it carries.
+        let mut kind = [0u8];
+        let class = match stream.read_exact(&mut kind).await {
+            Ok(()) if kind[0] == stream_kind::NORMAL => Class::Normal,
+            Ok(()) if kind[0] == stream_kind::PRIORITY => Class::Priority,
+            Ok(()) => return self.violation(format!("data stream of unknown kind {}", kind[0])),
+            Err(_) => return,
+        };
         let mut decoder: FrameDecoder<E::Packet> = FrameDecoder::new(HeaderWidth::Four, self.settings.max_packet);
         let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
         let mut batch = Batch::default();
         loop {
-            // While the input handler has no credit for another message, keep reading
-            // into the pending one (up to MAX_BATCH): a slow consumer gets fewer, fuller
-            // messages, and beyond that QUIC flow control holds the sender back.
+            // While there is no credit for the pending batch, keep reading into it (up
+            // to MAX_BATCH): a slow consumer gets fewer, fuller messages, and beyond
+            // that QUIC flow control holds this stream's sender back. Credit is a fair
+            // semaphore, so the readers of several streams take turns.
             let read = tokio::select! {
                 biased;
-                permit = self.data_credit.acquire(), if !batch.packets.is_empty() => match permit {
-                    Ok(permit) => {
-                        permit.forget();
-                        self.events.data(batch.take());
+                credit = self.delivery.acquire(class, batch.bytes), if !batch.packets.is_empty() => match credit {
+                    Ok(credit) => {
+                        self.events.data(batch.take().0, credit);
                         continue;
                     }
                     Err(_) => return,
                 },
-                read = stream.read_chunks(&mut chunks), if batch.packets.is_empty() || batch.bytes < MAX_BATCH => read,
+                read = stream.read_chunks(&mut chunks), if batch.has_room() => read,
             };
             let n = match read {
                 Ok(Some(n)) => n,
-                Ok(None) => return self.data_stream_ended(batch).await,
+                Ok(None) => return self.data_stream_ended(batch, class).await,
                 Err(_) => return,
             };
-            self.received.fetch_add(1, Ordering::Relaxed);
+            let mut packets = 0u64;
             for chunk in &chunks[..n] {
                 batch.bytes += chunk.len();
-                if let Err(e) = decoder.feed(chunk, |f| batch.push(f)) {
+                if let Err(e) = decoder.feed(chunk, |f| {
+                    packets += 1;
+                    batch.push(f)
+                }) {
                     return self.violation(format!("data stream: {e}"));
                 }
             }
+            self.received.fetch_add(packets, Ordering::Relaxed);
         }
     }
 }
@@ -617,36 +681,6 @@ struct HandshakeInbox {
     frames: VecDeque<Vec<u8>>,
     /// The owner asked and found nothing: the next message goes to it as an event.
     waiting: bool,
-}
-
-/// Largest pending delivery, in stream bytes, before reading pauses for credit.
-const MAX_BATCH: usize = 1 << 20;
-
-/// Packets decoded and not yet delivered.
-struct Batch<P> {
-    packets: Vec<P>,
-    bytes: usize,
-}
-
-impl<P> Default for Batch<P> {
-    fn default() -> Self {
-        Batch { packets: Vec::new(), bytes: 0 }
-    }
-}
-
-impl<P> Batch<P> {
-    fn push(&mut self, frame: Frame<P>) {
-        if let Frame::Packet(packet) = frame {
-            self.packets.push(packet);
-        }
-    }
-
-    /// Bytes count from the last delivery, so a packet larger than MAX_BATCH still
-    /// gets read to its end (reading stops only while complete packets wait).
-    fn take(&mut self) -> Vec<P> {
-        self.bytes = 0;
-        std::mem::take(&mut self.packets)
-    }
 }
 
 impl<E: Events> Drop for Connection<E> {

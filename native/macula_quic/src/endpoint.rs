@@ -1,21 +1,21 @@
 //! A node's QUIC endpoint: one UDP socket that both accepts and initiates connections,
 //! so the port in the node name is also the source port of its outgoing connections.
 
-use std::collections::VecDeque;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use quinn::{ClientConfig, EndpointConfig, RecvStream, SendStream, ServerConfig, TokioRuntime, VarInt};
+use quinn::{ClientConfig, EndpointConfig, ServerConfig, TokioRuntime, VarInt};
 use quinn_proto::HashedConnectionIdGenerator;
 use thiserror::Error;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::broadcast;
 
-use crate::connection::close_code;
 use crate::icmp_socket::{self, Unreachable};
 
+use crate::admission::{Established, Gate, Probation};
 use crate::settings::Settings;
 use crate::tls::{self, TlsError};
+use crate::wire::{close_code, SERVER_NAME};
 
 /// Why an endpoint could not be opened.
 #[derive(Debug, Error)]
@@ -66,78 +66,11 @@ pub enum AcceptError {
     TimedOut,
 }
 
-/// An established connection with its control stream.
-pub struct Established {
-    pub quic: quinn::Connection,
-    pub control: (SendStream, RecvStream),
-    /// Opened once the peer has proved it knows the cookie.
-    pub gate: Arc<Gate>,
-    /// ICMP reports of the endpoint's socket, for the connection's liveness probes.
-    pub unreachable: broadcast::Receiver<Unreachable>,
-}
-
-/// Opened when a peer has authenticated; until then its connection is on probation.
-#[derive(Debug, Default)]
-pub struct Gate {
-    open: AtomicBool,
-    opened: Notify,
-}
-
-impl Gate {
-    /// Marks the peer as authenticated.
-    pub fn open(&self) {
-        self.open.store(true, Ordering::Release);
-        self.opened.notify_one();
-    }
-
-    /// True once opened.
-    pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Acquire)
-    }
-
-    async fn wait(&self) {
-        while !self.is_open() {
-            self.opened.notified().await;
-        }
-    }
-}
-
-/// The connections that have not authenticated yet, oldest first.
-struct Unauthenticated {
-    limit: usize,
-    next_id: AtomicU64,
-    queue: Mutex<VecDeque<(u64, Arc<Notify>)>>,
-}
-
-impl Unauthenticated {
-    fn new(limit: usize) -> Self {
-        Unauthenticated { limit: limit.max(1), next_id: AtomicU64::new(0), queue: Mutex::new(VecDeque::new()) }
-    }
-
-    /// Registers a new connection, evicting the oldest if the limit is reached.
-    fn admit(&self) -> (u64, Arc<Notify>) {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let evicted = Arc::new(Notify::new());
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        while queue.len() >= self.limit {
-            if let Some((_, oldest)) = queue.pop_front() {
-                oldest.notify_one();
-            }
-        }
-        queue.push_back((id, evicted.clone()));
-        (id, evicted)
-    }
-
-    fn remove(&self, id: u64) {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner()).retain(|(i, _)| *i != id);
-    }
-}
-
 /// A bound QUIC endpoint.
 pub struct Endpoint {
     quic: quinn::Endpoint,
     settings: Arc<Settings>,
-    unauthenticated: Arc<Unauthenticated>,
+    probation: Arc<Probation>,
     /// ICMP reports of the socket (see [`icmp_socket`]).
     reports: broadcast::Sender<Unreachable>,
     closed: AtomicBool,
@@ -174,7 +107,7 @@ impl Endpoint {
             .map_err(|source| BindError::Socket { addr, source })?;
         quic.set_default_client_config(client);
         Ok(Endpoint {
-            unauthenticated: Arc::new(Unauthenticated::new(settings.max_pending_handshakes)),
+            probation: Arc::new(Probation::new(settings.max_pending_handshakes)),
             settings: Arc::new(settings),
             quic,
             reports,
@@ -196,7 +129,7 @@ impl Endpoint {
     /// [`ConnectError::Unreachable`] when an ICMP error about `addr` arrives first.
     pub async fn connect(&self, addr: SocketAddr) -> Result<Established, ConnectError> {
         let mut unreachable = self.reports.subscribe();
-        let connecting = self.quic.connect(addr, tls::SERVER_NAME)?;
+        let connecting = self.quic.connect(addr, SERVER_NAME)?;
         let handshake = async {
             let quic = connecting.await?;
             let control = quic.open_bi().await?;
@@ -227,9 +160,9 @@ impl Endpoint {
         let on_refused = Arc::new(on_refused);
         while let Some(incoming) = self.quic.accept().await {
             let peer = incoming.remote_address();
-            let (id, evicted) = self.unauthenticated.admit();
+            let (id, evicted) = self.probation.admit();
             let timeout = self.settings.handshake_timeout;
-            let unauthenticated = self.unauthenticated.clone();
+            let probation = self.probation.clone();
             let unreachable = self.reports.subscribe();
             let (on_connection, on_refused) = (on_connection.clone(), on_refused.clone());
             tokio::spawn(async move {
@@ -247,7 +180,7 @@ impl Endpoint {
                     result = tokio::time::timeout(timeout, admitted) => result.unwrap_or(Err(AcceptError::TimedOut)),
                     _ = evicted.notified() => Err(AcceptError::Overloaded),
                 };
-                unauthenticated.remove(id);
+                probation.release(id);
                 let Err(error) = outcome else { return };
                 if let Some(quic) = established {
                     if quic.close_reason().is_some() {
@@ -330,12 +263,8 @@ mod tests {
             Ok::<_, String>(conn)
         };
         let client_side = async {
-            let conn = client
-                .quic
-                .connect(addr, tls::SERVER_NAME)
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
+            let conn =
+                client.quic.connect(addr, SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
             Ok::<_, String>(conn)
         };
         let (c, s) = tokio::join!(client_side, server_side);
@@ -361,7 +290,7 @@ mod tests {
         // Each side sees the other's verified certificate.
         let addr = a.local_addr().unwrap();
         let (client, server) =
-            tokio::join!(async { b.quic.connect(addr, tls::SERVER_NAME).unwrap().await.unwrap() }, async {
+            tokio::join!(async { b.quic.connect(addr, SERVER_NAME).unwrap().await.unwrap() }, async {
                 a.quic.accept().await.unwrap().await.unwrap()
             });
         assert_eq!(tls::peer_covers_host(&client, "127.0.0.1"), Ok(true));
@@ -425,4 +354,3 @@ mod tests {
         assert!(e.to_string().starts_with("keyfile "), "{e}");
     }
 }
-

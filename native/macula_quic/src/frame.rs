@@ -4,11 +4,17 @@
 //!   `Len:16/big, Payload`. An empty frame is a tick.
 //! * A data stream carries distribution packets: `Len:32/big, Packet`.
 //!
+//! [`DataEncoder`] frames outgoing packets and reads each one's sender for routing;
+//! [`FrameDecoder`] takes incoming bytes apart.
+//!
 //! The decoder is incremental (bytes arrive in arbitrary chunks) and never trusts a
 //! length: it refuses frames above a configured maximum and grows its buffer only as
 //! bytes really arrive, so a peer that announces 4 GiB and sends nothing costs nothing.
 
+use bytes::{Bytes, BytesMut};
 use thiserror::Error;
+
+use crate::routing::{self, Class, SenderKey};
 
 /// Width of the big-endian length prefix in front of every frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +41,9 @@ pub enum FrameError {
     /// The peer announced a frame larger than this side accepts.
     #[error("frame of {len} bytes exceeds the limit of {max}")]
     TooLarge { len: usize, max: usize },
+    /// A packet was announced with one length and given another (a bug of the caller).
+    #[error("packet announced as {announced} bytes but {written} were given")]
+    LengthMismatch { announced: usize, written: usize },
 }
 
 /// A buffer a decoded packet is assembled in.
@@ -107,6 +116,8 @@ impl<B: PacketBuf> FrameDecoder<B> {
         while !input.is_empty() {
             match &mut self.state {
                 State::Header { bytes, have } => {
+                    // In bounds: `*have < width <= 4 == bytes.len()` (a full header leaves
+                    // this state at once), so `*have + take <= width`; `take <= input.len()`.
                     let take = (width - *have).min(input.len());
                     bytes[*have..*have + take].copy_from_slice(&input[..take]);
                     *have += take;
@@ -114,6 +125,7 @@ impl<B: PacketBuf> FrameDecoder<B> {
                     if *have < width {
                         break;
                     }
+                    // Constant indexes into the 4-byte array.
                     let len = match self.width {
                         HeaderWidth::Two => u16::from_be_bytes([bytes[0], bytes[1]]) as usize,
                         HeaderWidth::Four => u32::from_be_bytes(*bytes) as usize,
@@ -134,6 +146,10 @@ impl<B: PacketBuf> FrameDecoder<B> {
                         *allocated = (*allocated * 2).min(*len);
                         buf.grow(*allocated);
                     }
+                    // In bounds: the buffer is `*allocated` bytes long (alloc and grow
+                    // give exactly that), `*have < *allocated` here (a full buffer was just
+                    // grown, and `*have < *len` while in this state), so
+                    // `*have + take <= *allocated`; `take <= input.len()`.
                     let take = (*allocated - *have).min(input.len());
                     buf.as_mut_slice()[*have..*have + take].copy_from_slice(&input[..take]);
                     *have += take;
@@ -156,6 +172,127 @@ pub fn data_frame_header(len: usize) -> Result<[u8; 4], FrameError> {
     u32::try_from(len)
         .map(u32::to_be_bytes)
         .map_err(|_| FrameError::TooLarge { len, max: HeaderWidth::Four.max_payload() })
+}
+
+/// Frames outgoing distribution packets for the data streams without copying their
+/// large pieces: small pieces are copied next to their frame header into one shared
+/// buffer, large ones (`Bytes` that own or borrow the caller's memory) are queued as they
+/// are, and QUIC copies each byte once, into the packet it encrypts.
+pub struct DataEncoder {
+    arena: BytesMut,
+    by_sender: bool,
+}
+
+impl DataEncoder {
+    /// An encoder; with `by_sender` each packet's sender is read for routing.
+    pub fn new(by_sender: bool) -> Self {
+        DataEncoder { arena: BytesMut::new(), by_sender }
+    }
+
+    /// Starts a packet of exactly `len` bytes.
+    pub fn packet(&mut self, len: usize) -> Result<PacketBuilder<'_>, FrameError> {
+        let header = data_frame_header(len)?;
+        // Left over only if a previous builder was dropped unfinished.
+        self.arena.clear();
+        self.arena.extend_from_slice(&header);
+        Ok(PacketBuilder { encoder: self, chunks: Vec::new(), len, written: 0 })
+    }
+}
+
+/// One packet being framed; see [`DataEncoder::packet`].
+pub struct PacketBuilder<'e> {
+    encoder: &'e mut DataEncoder,
+    chunks: Vec<Bytes>,
+    len: usize,
+    written: usize,
+}
+
+impl PacketBuilder<'_> {
+    /// Appends bytes by copying them.
+    pub fn copy(&mut self, bytes: &[u8]) {
+        self.encoder.arena.extend_from_slice(bytes);
+        self.written += bytes.len();
+    }
+
+    /// Appends bytes without copying them.
+    pub fn borrow(&mut self, bytes: Bytes) {
+        self.seal_copied();
+        self.written += bytes.len();
+        self.chunks.push(bytes);
+    }
+
+    fn seal_copied(&mut self) {
+        if !self.encoder.arena.is_empty() {
+            self.chunks.push(self.encoder.arena.split().freeze());
+        }
+    }
+
+    /// The framed packet. Fails if the bytes appended differ from the announced length.
+    pub fn finish(mut self) -> Result<OutgoingPacket, FrameError> {
+        if self.written != self.len {
+            return Err(FrameError::LengthMismatch { announced: self.len, written: self.written });
+        }
+        self.seal_copied();
+        let sender = if self.encoder.by_sender { sender_of_chunks(&self.chunks) } else { None };
+        Ok(OutgoingPacket { chunks: self.chunks, bytes: self.len + 4, sender, class: Class::Normal, fixed: false })
+    }
+}
+
+/// The sender of a framed packet: parsed in place when the first chunk holds the whole
+/// head, else from a copy of the head gathered across chunks.
+fn sender_of_chunks(chunks: &[Bytes]) -> Option<SenderKey> {
+    // The first chunk starts with the 4-byte frame header written by `packet`.
+    let first = chunks.first()?.get(4..)?;
+    let total: usize = chunks.iter().map(Bytes::len).sum::<usize>() - 4;
+    if first.len() >= routing::HEAD_LEN || first.len() == total {
+        return routing::sender_of(first);
+    }
+    let mut head = [0u8; routing::HEAD_LEN];
+    let mut have = 0;
+    let pieces = std::iter::once(first).chain(chunks[1..].iter().map(|c| &c[..]));
+    for piece in pieces {
+        let take = piece.len().min(head.len() - have);
+        head[have..have + take].copy_from_slice(&piece[..take]);
+        have += take;
+        if have == head.len() {
+            break;
+        }
+    }
+    routing::sender_of(&head[..have])
+}
+
+/// A framed distribution packet on its way to a data stream.
+#[derive(Debug)]
+pub struct OutgoingPacket {
+    pub(crate) chunks: Vec<Bytes>,
+    /// Framed length: the packet plus its header.
+    pub(crate) bytes: usize,
+    sender: Option<SenderKey>,
+    pub(crate) class: Class,
+    pub(crate) fixed: bool,
+}
+
+impl OutgoingPacket {
+    /// The sending process, when the encoder read it.
+    pub fn sender(&self) -> Option<SenderKey> {
+        self.sender
+    }
+
+    /// Sends the packet on a higher-urgency stream (if its sender is new to the connection).
+    pub fn prioritise(&mut self) {
+        self.class = Class::Priority;
+    }
+
+    /// Sends the packet on the fixed stream whatever its sender (raw packets injected
+    /// through the controller's `{send, ...}` hook).
+    pub fn pin_to_fixed_stream(&mut self) {
+        self.fixed = true;
+    }
+
+    /// The framed bytes, in order (for tests and tools).
+    pub fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
 }
 
 /// One control frame (`Len:16, payload`).
@@ -225,6 +362,70 @@ mod tests {
         assert!(decoder.is_idle());
         decoder.feed(&[0, 0], |_| {}).unwrap();
         assert!(!decoder.is_idle());
+    }
+
+    fn flat(packet: &OutgoingPacket) -> Vec<u8> {
+        packet.chunks().iter().flat_map(|c| c.iter().copied()).collect()
+    }
+
+    #[test]
+    fn encoded_packets_round_trip_through_the_decoder() {
+        let big = Bytes::from(vec![7u8; 10_000]);
+        let mut enc = DataEncoder::new(false);
+        let mut p = enc.packet(3 + big.len() + 2).unwrap();
+        p.copy(b"abc");
+        p.borrow(big.clone());
+        p.copy(b"yz");
+        let first = p.finish().unwrap();
+        let mut p = enc.packet(1).unwrap();
+        p.copy(b"q");
+        let second = p.finish().unwrap();
+        // The large piece is shared, not copied.
+        assert!(first.chunks().iter().any(|c| c.as_ptr() == big.as_ptr()));
+        let mut wire = flat(&first);
+        wire.extend(flat(&second));
+        assert_eq!(&wire[..7], &[0, 0, 0x27, 0x15, b'a', b'b', b'c']);
+        let frames = decode_all(HeaderWidth::Four, 1 << 20, &[&wire]).unwrap();
+        let mut expected = b"abc".to_vec();
+        expected.extend_from_slice(&big);
+        expected.extend_from_slice(b"yz");
+        assert_eq!(frames, vec![Frame::Packet(expected), Frame::Packet(b"q".to_vec())]);
+        assert_eq!(first.bytes, 4 + 3 + 10_000 + 2);
+    }
+
+    #[test]
+    fn a_wrong_length_is_refused() {
+        let mut enc = DataEncoder::new(false);
+        let mut p = enc.packet(5).unwrap();
+        p.copy(b"abc");
+        assert_eq!(p.finish().unwrap_err(), FrameError::LengthMismatch { announced: 5, written: 3 });
+    }
+
+    #[test]
+    fn the_sender_is_read_across_chunks() {
+        // SEND_SENDER {22, From, To}, the head split over a copied and a borrowed piece.
+        let mut control = vec![112, 131, 104, 3, 97, 22, 88, 119, 3, b'a', b'@', b'b'];
+        control.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let to = [88u8, 119, 3, b'c', b'@', b'd', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1];
+        let mut payload = vec![131, 109, 0, 0, 0x10, 0];
+        payload.extend(vec![0u8; 4096]);
+        let mut whole = control.clone();
+        whole.extend_from_slice(&to);
+        whole.extend_from_slice(&payload);
+        let expected = crate::routing::sender_of(&whole);
+        assert!(expected.is_some());
+        let mut enc = DataEncoder::new(true);
+        let mut p = enc.packet(whole.len()).unwrap();
+        p.copy(&control[..8]);
+        p.borrow(Bytes::copy_from_slice(&control[8..]));
+        p.copy(&to);
+        p.borrow(Bytes::from(payload));
+        assert_eq!(p.finish().unwrap().sender(), expected);
+        // Without routing nothing is parsed.
+        let mut plain = DataEncoder::new(false);
+        let mut p = plain.packet(whole.len()).unwrap();
+        p.copy(&whole);
+        assert_eq!(p.finish().unwrap().sender(), None);
     }
 
     #[test]

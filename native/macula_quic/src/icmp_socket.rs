@@ -84,7 +84,10 @@ pub const REPORT_BACKLOG: usize = 256;
 
 /// Wraps `socket` for quinn; ICMP reports go to `reports`. Must run inside the tokio
 /// runtime (a task reads the error queue until the wrapper is dropped).
-pub fn wrap(socket: std::net::UdpSocket, reports: broadcast::Sender<Unreachable>) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+pub fn wrap(
+    socket: std::net::UdpSocket,
+    reports: broadcast::Sender<Unreachable>,
+) -> io::Result<Arc<dyn AsyncUdpSocket>> {
     enable_error_queue(&socket)?;
     let state = UdpSocketState::new((&socket).into())?;
     let io = tokio::net::UdpSocket::from_std(socket)?;
@@ -140,7 +143,12 @@ impl AsyncUdpSocket for IcmpSocket {
         s.io.try_io(Interest::WRITABLE, || s.state.send((&s.io).into(), transmit))
     }
 
-    fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         let s = &self.shared;
         loop {
             ready!(s.io.poll_recv_ready(cx))?;
@@ -333,7 +341,8 @@ mod tests {
         let (reports, mut received) = broadcast::channel(REPORT_BACKLOG);
         let socket = wrap(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap(), reports).unwrap();
         let local = socket.local_addr().unwrap();
-        let transmit = Transmit { destination: closed_addr, ecn: None, contents: b"hello", segment_size: None, src_ip: None };
+        let transmit =
+            Transmit { destination: closed_addr, ecn: None, contents: b"hello", segment_size: None, src_ip: None };
         send(&socket, &transmit).await;
         let report = tokio::time::timeout(Duration::from_secs(2), received.recv()).await.unwrap().unwrap();
         assert_eq!(report, Unreachable { peer: closed_addr, kind: UnreachableKind::Port });

@@ -6,8 +6,14 @@
 //! Erlang messages; the tests here implement it with channels. Everything a peer sends
 //! is treated as hostile: bad input closes that one connection, never panics.
 
+#![forbid(unsafe_code)]
+
+pub mod admission;
 pub mod auth;
+pub mod cert_subject;
 pub mod connection;
+mod data_in;
+mod data_out;
 pub mod endpoint;
 pub mod frame;
 mod graceful_close;
@@ -15,9 +21,13 @@ pub mod icmp_socket;
 pub mod liveness;
 pub mod node_name;
 pub mod reset_key;
+pub mod routing;
 pub mod settings;
 pub mod tls;
+pub mod wire;
 
-pub use connection::{CloseReason, ConnError, Connection, Events, SendStatus, Stats};
-pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint, Established, Gate};
+pub use admission::{Established, Gate};
+pub use connection::{CloseReason, ConnError, Connection, Events, Refusal, SendStatus, Stats};
+pub use data_in::Credit;
+pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint};
 pub use settings::Settings;

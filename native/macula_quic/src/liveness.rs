@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
-use crate::connection::{close_code, CloseReason, Connection, Events};
+use crate::connection::{CloseReason, Connection, Events};
 use crate::icmp_socket::Unreachable;
+use crate::wire::close_code;
 
 /// A peer acknowledges within its `max_ack_delay` (QUIC's default, which quinn uses).
 const PEER_ACK_DELAY: Duration = Duration::from_millis(25);

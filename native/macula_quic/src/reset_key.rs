@@ -65,7 +65,9 @@ mod tests {
     #[test]
     fn another_name_or_cookie_gives_another_key() {
         let (reset, cid) = token(&derive(b"4433@10.0.0.5", b"secret"));
-        for (other_reset, other_cid) in [token(&derive(b"4434@10.0.0.5", b"secret")), token(&derive(b"4433@10.0.0.5", b"secreT"))] {
+        for (other_reset, other_cid) in
+            [token(&derive(b"4434@10.0.0.5", b"secret")), token(&derive(b"4433@10.0.0.5", b"secreT"))]
+        {
             assert_ne!(reset, other_reset);
             assert_ne!(cid, other_cid);
         }

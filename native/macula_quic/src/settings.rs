@@ -8,6 +8,7 @@ use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 use crate::reset_key::RestartIdentity;
 use crate::tls::PkiFiles;
+use crate::wire::MAX_DATA_STREAMS;
 
 /// The congestion controller of every connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,14 +35,20 @@ pub struct Settings {
     pub stream_window: u64,
     /// Unacknowledged bytes in flight per connection.
     pub send_window: u64,
-    /// Bytes queued in front of QUIC before `send_data` answers `busy`.
+    /// Bytes queued in front of QUIC, on all data streams together, before `send_data`
+    /// answers `busy`.
     pub send_queue_limit: usize,
+    /// Normal data streams: 1 is single-stream mode (one ordered stream, the atom cache
+    /// allowed); more routes each sending process to its own stream and adds a priority
+    /// stream (the Erlang side then rejects the atom cache and fragmentation).
+    pub data_streams: usize,
     /// Largest distribution packet accepted from a peer.
     pub max_packet: usize,
     /// Upper bound for path MTU discovery (UDP payload bytes).
     pub max_udp_payload: u16,
-    /// Data messages delivered to the input handler before it acknowledges any.
-    pub delivery_credit: usize,
+    /// Bytes of data delivered to the input handler and not yet put into the VM: the
+    /// longest a small message waits there behind other senders' bulk data.
+    pub delivery_window: usize,
     /// Congestion controller.
     pub congestion: Congestion,
     /// QUIC handshakes allowed to be in progress at once.
@@ -63,11 +70,12 @@ impl Default for Settings {
             tick_time: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(7),
             stream_window: 8 << 20,
-            send_window: 16 << 20,
-            send_queue_limit: 4 << 20,
+            send_window: 32 << 20,
+            send_queue_limit: 8 << 20,
+            data_streams: 8,
             max_packet: 1 << 30,
             max_udp_payload: 6500,
-            delivery_credit: 8,
+            delivery_window: 2 << 20,
             max_pending_handshakes: 64,
             congestion: Congestion::Cubic,
             pki: None,
@@ -94,11 +102,13 @@ impl Settings {
             .keep_alive_interval(Some(self.keep_alive()))
             .stream_receive_window(VarInt::from_u64(self.stream_window).unwrap_or(VarInt::MAX))
             // Streams are few and each is bounded by its own window, so the
-            // connection-level window never lets bulk data starve the control stream.
+            // connection-level window never lets one stream's bulk data starve the
+            // control stream or another data stream.
             .receive_window(VarInt::MAX)
             .send_window(self.send_window)
             .max_concurrent_bidi_streams(VarInt::from_u32(1))
-            .max_concurrent_uni_streams(VarInt::from_u32(1))
+            // Enough for any peer's pool, whatever this side's own `data_streams`.
+            .max_concurrent_uni_streams(VarInt::from_u32(MAX_DATA_STREAMS))
             .datagram_receive_buffer_size(None);
         let congestion: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> = match self.congestion {
             Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),

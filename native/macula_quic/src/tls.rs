@@ -31,11 +31,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, InconsistentKeys, RootCertStore, SignatureScheme};
 use thiserror::Error;
 
-/// ALPN protocol name; a peer that does not speak it is refused during the TLS handshake.
-pub const ALPN: &[u8] = b"macula-dist/1";
-
-/// The SNI every client sends (in both modes).
-pub const SERVER_NAME: &str = "macula";
+use crate::wire::{ALPN, SERVER_NAME};
 
 /// The only TLS version used.
 pub const TLS_VERSION: &str = "TLSv1.3";

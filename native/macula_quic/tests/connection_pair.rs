@@ -7,16 +7,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use macula_quic::auth::Role;
-use macula_quic::frame::data_frame_header;
-use macula_quic::{CloseReason, Connection, Endpoint, Events, Settings};
+use macula_quic::frame::OutgoingPacket;
+use macula_quic::{CloseReason, Connection, Credit, Endpoint, Events, Settings};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 #[derive(Debug)]
 enum Event {
     Handshake(Vec<u8>),
-    Data(Vec<Vec<u8>>),
+    Data(Vec<Vec<u8>>, Credit),
     Writable,
     Closed(CloseReason),
 }
@@ -28,8 +27,8 @@ impl Events for ChannelEvents {
     fn handshake_frame(&self, frame: Vec<u8>) {
         let _ = self.0.send(Event::Handshake(frame));
     }
-    fn data(&self, packets: Vec<Vec<u8>>) {
-        let _ = self.0.send(Event::Data(packets));
+    fn data(&self, packets: Vec<Vec<u8>>, credit: Credit) {
+        let _ = self.0.send(Event::Data(packets, credit));
     }
     fn writable(&self) {
         let _ = self.0.send(Event::Writable);
@@ -41,15 +40,22 @@ impl Events for ChannelEvents {
 
 type Side = (Arc<Connection<ChannelEvents>>, UnboundedReceiver<Event>);
 
-fn bind() -> Endpoint {
-    let settings = Settings { tick_time: Duration::from_secs(4), ..Settings::default() };
+fn test_settings() -> Settings {
+    Settings { tick_time: Duration::from_secs(4), ..Settings::default() }
+}
+
+fn bind(settings: Settings) -> Endpoint {
     Endpoint::bind("127.0.0.1:0".parse().unwrap(), settings).unwrap()
 }
 
 /// A connected pair: (initiator, acceptor).
 async fn pair() -> (Side, Side, Arc<Endpoint>, Arc<Endpoint>) {
-    let server = Arc::new(bind());
-    let client = Arc::new(bind());
+    pair_with(test_settings(), test_settings()).await
+}
+
+async fn pair_with(client: Settings, server: Settings) -> (Side, Side, Arc<Endpoint>, Arc<Endpoint>) {
+    let server = Arc::new(bind(server));
+    let client = Arc::new(bind(client));
     let addr: SocketAddr = server.local_addr().unwrap();
     let (accepted_tx, mut accepted_rx) = unbounded_channel();
     let acceptor = server.clone();
@@ -100,13 +106,33 @@ async fn unconsumed_handshake_message_fails_activation() {
     assert!(matches!(next(&mut server_rx).await, Event::Closed(CloseReason::ProtocolViolation(_))));
 }
 
-fn framed(packets: &[&[u8]]) -> Vec<Bytes> {
-    let mut out = Vec::new();
-    for p in packets {
-        out.extend_from_slice(&data_frame_header(p.len()).unwrap());
-        out.extend_from_slice(p);
-    }
-    vec![Bytes::from(out)]
+/// Packets framed as the NIF frames them (copied pieces).
+fn framed(conn: &Connection<ChannelEvents>, packets: &[&[u8]]) -> Vec<OutgoingPacket> {
+    let mut encoder = conn.encoder();
+    packets
+        .iter()
+        .map(|p| {
+            let mut packet = encoder.packet(p.len()).unwrap();
+            packet.copy(p);
+            packet.finish().unwrap()
+        })
+        .collect()
+}
+
+/// A SEND_SENDER control message from pid number `id` of node a@b, then `payload`.
+fn from_sender(id: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![112, 131, 104, 3, 97, 22, 88, 119, 3, b'a', b'@', b'b'];
+    bytes.extend_from_slice(&[0, 0, 0, id, 0, 0, 0, 0, 0, 0, 0, 1]);
+    bytes.extend_from_slice(&[88, 119, 3, b'c', b'@', b'd', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+/// Activates both sides of a fresh pair.
+async fn activated(client: &Side, server: &mut Side) {
+    take(&server.0, &mut server.1).await;
+    client.0.activate().unwrap();
+    server.0.activate().unwrap();
 }
 
 #[tokio::test]
@@ -117,18 +143,18 @@ async fn handshake_frames_then_data_in_order() {
     assert_eq!(take(&client, &mut client_rx).await, b"sok");
 
     // Data sent before the receiver is activated waits in QUIC's buffers.
-    client.send_data(framed(&[b"one", b"two"]), 2).unwrap();
+    client.send_data(framed(&client, &[b"one", b"two"])).unwrap();
     client.activate().unwrap();
     server.activate().unwrap();
     let mut received = Vec::new();
     while received.len() < 3 {
         if received.len() == 2 {
-            client.send_data(framed(&[b"three"]), 1).unwrap();
+            client.send_data(framed(&client, &[b"three"])).unwrap();
         }
         match next(&mut server_rx).await {
-            Event::Data(packets) => {
+            Event::Data(packets, credit) => {
                 received.extend(packets);
-                server.ack_data();
+                server.ack_data(credit);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -153,11 +179,12 @@ async fn cookie_proofs_agree_only_on_the_same_session() {
 
 #[tokio::test]
 async fn oversized_data_frame_closes_only_that_connection() {
-    let ((client, mut client_rx), (server, mut server_rx), _c, _s) = pair().await;
+    let server_settings = Settings { max_packet: 1024, ..test_settings() };
+    let ((client, mut client_rx), (server, mut server_rx), _c, _s) = pair_with(test_settings(), server_settings).await;
     take(&server, &mut server_rx).await;
     server.activate().unwrap();
-    client.send_data(vec![Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 1, 2, 3])], 1).unwrap();
-    // The default limit is 1 GiB: 4 GiB - 1 is refused as soon as the header arrives.
+    client.send_data(framed(&client, &[&[7; 5000]])).unwrap();
+    // The receiver accepts 1 KiB: the frame is refused as soon as its header arrives.
     match next(&mut server_rx).await {
         Event::Closed(CloseReason::ProtocolViolation(why)) => assert!(why.contains("exceeds"), "{why}"),
         other => panic!("unexpected {other:?}"),
@@ -187,34 +214,205 @@ async fn graceful_close_delivers_the_last_handshake_frame() {
     assert!(matches!(next(&mut client_rx).await, Event::Closed(CloseReason::PeerClosed)));
 }
 
-/// A graceful close after data: every packet queued before it is delivered, then the
-/// peer reports the close, within a few milliseconds (it does not wait for ACKs).
+/// Receives data packets until `count` have arrived, acknowledging each delivery.
+async fn receive(server: &mut Side, count: usize) -> Vec<Vec<u8>> {
+    let (conn, rx) = server;
+    let mut received = Vec::new();
+    while received.len() < count {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap() {
+            Event::Data(packets, credit) => {
+                received.extend(packets);
+                conn.ack_data(credit);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    received
+}
+
+#[tokio::test]
+async fn a_small_sender_overtakes_another_senders_bulk_transfer() {
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    // Sender 1 queues 64 MiB; then sender 2 queues one small packet.
+    let chunk = vec![1u8; 1 << 20];
+    let bulk: Vec<Vec<u8>> = (0..64).map(|_| from_sender(1, &chunk)).collect();
+    let refs: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    let small = from_sender(2, b"ping");
+    client.0.send_data(framed(&client.0, &[&small])).unwrap();
+    let received = receive(&mut server, 65).await;
+    let at = received.iter().position(|p| p == &small).unwrap();
+    assert!(at < 32, "the small packet arrived after {at} bulk packets");
+    // Each sender's own packets keep their order (all bulk packets are alike, so count them).
+    assert_eq!(received.iter().filter(|p| p.len() == bulk[0].len()).count(), 64);
+    assert_eq!(client.0.data_streams().0, 2, "two senders, two streams opened");
+}
+
+#[tokio::test]
+async fn single_stream_mode_keeps_one_total_order() {
+    let one = Settings { data_streams: 1, ..test_settings() };
+    let (client, mut server, _ce, _se) = pair_with(one.clone(), one).await;
+    activated(&client, &mut server).await;
+    let packets: Vec<Vec<u8>> = (0..200u8).map(|i| from_sender(i, &vec![i; 20_000])).collect();
+    let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    let received = receive(&mut server, 200).await;
+    assert_eq!(received, packets);
+    assert_eq!(client.0.data_streams(), (1, 0, 1));
+    assert_eq!(server.0.data_streams().1, 1);
+}
+
+#[tokio::test]
+async fn per_sender_order_holds_across_interleaved_senders() {
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    // 20 senders, 50 packets each, sizes varying, all sent interleaved.
+    let mut packets = Vec::new();
+    for seq in 0..50u16 {
+        for sender in 0..20u8 {
+            let mut payload = seq.to_be_bytes().to_vec();
+            payload.resize(2 + (usize::from(sender) * 997 + usize::from(seq) * 31) % 70_000, 0);
+            packets.push((sender, from_sender(sender, &payload)));
+        }
+    }
+    let refs: Vec<&[u8]> = packets.iter().map(|(_, p)| p.as_slice()).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    let received = receive(&mut server, packets.len()).await;
+    let mut next_seq = [0u16; 20];
+    for p in &received {
+        // Byte 15 is the sender's pid number; the payload starts after the 42-byte head.
+        let sender = usize::from(p[15]);
+        let seq = u16::from_be_bytes([p[42], p[43]]);
+        assert_eq!(seq, next_seq[sender], "sender {sender} out of order");
+        next_seq[sender] += 1;
+    }
+    assert_eq!(next_seq, [50; 20]);
+}
+
+#[tokio::test]
+async fn data_on_several_streams_before_activation_is_delivered_after_it() {
+    let (client, mut server, _ce, _se) = pair().await;
+    take(&server.0, &mut server.1).await;
+    client.0.activate().unwrap();
+    let packets: Vec<Vec<u8>> = (1..=5u8).map(|i| from_sender(i, b"early")).collect();
+    let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    // Let every stream reach the receiver before it activates.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(server.0.data_streams().1, 5);
+    server.0.activate().unwrap();
+    let mut received = receive(&mut server, 5).await;
+    received.sort();
+    assert_eq!(received, packets);
+}
+
+#[tokio::test]
+async fn packets_larger_than_half_the_stream_window_flow() {
+    let small_window = Settings { stream_window: 2 << 20, ..test_settings() };
+    let (client, mut server, _ce, _se) = pair_with(small_window.clone(), small_window).await;
+    activated(&client, &mut server).await;
+    let chunk = vec![3u8; 1 << 20];
+    let bulk: Vec<Vec<u8>> = (0..20).map(|_| from_sender(1, &chunk)).collect();
+    let refs: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    assert_eq!(receive(&mut server, 20).await.len(), 20);
+}
+
+/// Bulk one way (16 packets of 1 MiB in flight, each acknowledged by a small packet
+/// the other way) while another pair of senders ping-pongs: nothing may stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn bulk_with_acks_and_ping_pong_never_stall() {
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let (c, mut crx) = client;
+    let (s, mut srx) = server;
+    let chunk = vec![5u8; 1 << 20];
+    let bulk = from_sender(1, &chunk);
+    let ack = from_sender(7, b"ack");
+    let ping = from_sender(2, b"ping");
+    let pong = from_sender(8, b"pong");
+    let send = |conn: &Connection<ChannelEvents>, p: &[u8]| {
+        conn.send_data(framed(conn, &[p])).unwrap();
+    };
+    for _ in 0..16 {
+        send(&c, &bulk);
+    }
+    send(&c, &ping);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let (mut bulks, mut pings) = (0u32, 0u32);
+    while tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            event = srx.recv() => match event.unwrap() {
+                Event::Data(packets, credit) => {
+                    for p in packets {
+                        if p == bulk { bulks += 1; send(&s, &ack); } else if p == ping { send(&s, &pong); }
+                    }
+                    s.ack_data(credit);
+                }
+                other => panic!("server: {other:?}"),
+            },
+            event = crx.recv() => match event.unwrap() {
+                Event::Data(packets, credit) => {
+                    for p in packets {
+                        if p == ack { send(&c, &bulk); } else if p == pong { pings += 1; send(&c, &ping); }
+                    }
+                    c.ack_data(credit);
+                }
+                Event::Writable => {}
+                other => panic!("client: {other:?}"),
+            },
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                panic!("stalled after {bulks} bulk packets and {pings} pings");
+            }
+        }
+    }
+    assert!(bulks > 50 && pings > 50, "bulk {bulks} pings {pings}");
+}
+
+#[tokio::test]
+async fn the_accepting_side_opens_every_stream_of_its_pool() {
+    let (mut client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let packets: Vec<Vec<u8>> = (1..=20u8).map(|i| from_sender(i, b"from the acceptor")).collect();
+    let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
+    server.0.send_data(framed(&server.0, &refs)).unwrap();
+    let mut received = receive(&mut client, 20).await;
+    received.sort();
+    assert_eq!(received, packets);
+    assert_eq!(server.0.data_streams().0, 8);
+    assert_eq!(client.0.data_streams().1, 8);
+}
+
+/// A graceful close after data on several streams: every packet queued before it is
+/// delivered, then the peer reports the close within a few milliseconds (it does not
+/// wait for ACKs, and it waits for every data stream the closing side announced).
 #[tokio::test]
 async fn graceful_close_after_data_delivers_it_all_then_closes_at_once() {
-    let ((client, mut client_rx), (server, mut server_rx), _c, _s) = pair().await;
-    take(&server, &mut server_rx).await;
-    server.send_handshake(b"sok").unwrap();
-    take(&client, &mut client_rx).await;
-    client.activate().unwrap();
-    server.activate().unwrap();
-    let packets: Vec<Vec<u8>> = (0..1000u32).map(|i| i.to_be_bytes().repeat(16)).collect();
+    let (mut client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let packets: Vec<Vec<u8>> = (0..1000u32).map(|i| from_sender((i % 5) as u8, &i.to_be_bytes().repeat(16))).collect();
     let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
-    client.send_data(framed(&refs), 1000).unwrap();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
     let closing = std::time::Instant::now();
-    client.close_gracefully();
+    client.0.close_gracefully();
     let mut received = Vec::new();
     let reason = loop {
-        match next(&mut server_rx).await {
-            Event::Data(batch) => {
+        match next(&mut server.1).await {
+            Event::Data(batch, credit) => {
                 received.extend(batch);
-                server.ack_data();
+                server.0.ack_data(credit);
             }
             Event::Closed(reason) => break reason,
             other => panic!("unexpected {other:?}"),
         }
     };
     assert_eq!(reason, CloseReason::PeerClosed);
-    assert_eq!(received, packets);
+    let mut expected = packets.clone();
+    expected.sort();
+    received.sort();
+    assert_eq!(received, expected);
     assert!(closing.elapsed() < Duration::from_millis(200), "{:?}", closing.elapsed());
-    assert!(matches!(next(&mut client_rx).await, Event::Closed(_)));
+    assert!(matches!(next(&mut client.1).await, Event::Closed(_)));
+    assert!(client.0.data_streams().0 > 1, "the close covered several data streams");
 }

@@ -1,0 +1,224 @@
+//! The send side of a connection's data streams: one queue per stream, one memory bound
+//! for all of them.
+//!
+//! `send_data` (called from an Erlang scheduler, never blocking) routes each packet to
+//! its stream's queue ([`crate::routing`]); one writer task per stream moves its queue
+//! into QUIC, which interleaves the streams (fairly between equal urgencies, the priority
+//! stream first). So no sender waits behind another sender's bytes inside the carrier.
+//!
+//! Memory: the bytes queued on all streams together are bounded by `send_queue_limit`.
+//! Past it `send_data` answers [`SendStatus::Busy`] and the controller stops draining
+//! the VM's queue, which makes the VM suspend the connection's senders (busy dist) —
+//! backpressure end to end. The writers report [`SendStatus`] recovery once the queues
+//! fall to the low watermark.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::frame::OutgoingPacket;
+use crate::routing::{Routes, FIXED_STREAM};
+
+/// Answer of [`crate::Connection::send_data`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued; send more.
+    Ready,
+    /// Queued, but the queues are full: stop until [`crate::Events::writable`].
+    Busy,
+}
+
+/// One data stream's queue.
+#[derive(Default)]
+struct StreamQueue {
+    chunks: Mutex<VecDeque<Bytes>>,
+    bytes: AtomicUsize,
+    wake: Notify,
+}
+
+pub(crate) struct DataOut {
+    streams: Vec<StreamQueue>,
+    routes: Mutex<Routes>,
+    /// Bytes queued on all streams and not yet handed to QUIC.
+    bytes: AtomicUsize,
+    limit: usize,
+    low_watermark: usize,
+    want_writable: AtomicBool,
+}
+
+impl DataOut {
+    /// Queues for `normal` normal streams (plus the priority stream when `normal` > 1),
+    /// bounded by `limit` bytes.
+    pub(crate) fn new(normal: usize, limit: usize) -> Self {
+        let routes = Routes::new(normal);
+        let streams = (0..routes.streams()).map(|_| StreamQueue::default()).collect();
+        DataOut {
+            streams,
+            routes: Mutex::new(routes),
+            bytes: AtomicUsize::new(0),
+            limit,
+            // Resume with room for a few more busy-limit's worth of the VM's queue, so
+            // the senders the VM suspended get their turn before the queues fill again.
+            low_watermark: limit - limit / 4,
+            want_writable: AtomicBool::new(false),
+        }
+    }
+
+    /// How many data streams the writers serve.
+    pub(crate) fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// True when packets are read for their sender (several streams).
+    pub(crate) fn by_sender(&self) -> bool {
+        self.streams.len() > 1
+    }
+
+    /// The priority stream's index, if any.
+    pub(crate) fn priority_stream(&self) -> Option<usize> {
+        lock(&self.routes).priority_stream()
+    }
+
+    /// Queues packets on their streams. Never blocks.
+    pub(crate) fn push(&self, packets: Vec<OutgoingPacket>) -> SendStatus {
+        let mut total = 0;
+        let mut woken = 0u64;
+        {
+            let mut routes = lock(&self.routes);
+            for packet in packets {
+                let index = if packet.fixed {
+                    FIXED_STREAM
+                } else {
+                    let queued = |i: usize| self.streams[i].bytes.load(Ordering::Relaxed);
+                    routes.stream_for(packet.sender(), packet.class, queued)
+                };
+                // Routes never name a stream beyond `streams()`, which sized `streams`.
+                let stream = &self.streams[index];
+                stream.bytes.fetch_add(packet.bytes, Ordering::Relaxed);
+                lock(&stream.chunks).extend(packet.chunks);
+                total += packet.bytes;
+                woken |= 1 << index;
+            }
+        }
+        let queued = self.bytes.fetch_add(total, Ordering::SeqCst) + total;
+        for (i, stream) in self.streams.iter().enumerate() {
+            if woken & (1 << i) != 0 {
+                stream.wake.notify_one();
+            }
+        }
+        if queued < self.limit {
+            return SendStatus::Ready;
+        }
+        self.want_writable.store(true, Ordering::SeqCst);
+        // A writer may have drained the queues before it could see the flag.
+        if self.bytes.load(Ordering::SeqCst) <= self.low_watermark && self.want_writable.swap(false, Ordering::SeqCst) {
+            return SendStatus::Ready;
+        }
+        SendStatus::Busy
+    }
+
+    /// Everything queued on stream `index`, for its writer.
+    pub(crate) fn take(&self, index: usize) -> Vec<Bytes> {
+        lock(&self.streams[index].chunks).drain(..).collect()
+    }
+
+    /// Wakes every writer (a graceful close: each ends its stream once its queue is out).
+    pub(crate) fn wake_all(&self) {
+        self.streams.iter().for_each(|stream| stream.wake.notify_one());
+    }
+
+    /// Resolves when stream `index` may have something queued.
+    pub(crate) async fn queued_on(&self, index: usize) {
+        self.streams[index].wake.notified().await
+    }
+
+    /// The writer of stream `index` handed `len` bytes to QUIC. True when the Erlang
+    /// side is waiting for the queues to drain and they now have.
+    pub(crate) fn written(&self, index: usize, len: usize) -> bool {
+        self.streams[index].bytes.fetch_sub(len, Ordering::Relaxed);
+        let left = self.bytes.fetch_sub(len, Ordering::SeqCst) - len;
+        left <= self.low_watermark && self.want_writable.swap(false, Ordering::SeqCst)
+    }
+
+    /// Bytes queued on all streams.
+    pub(crate) fn queued(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Locks a mutex, ignoring poisoning: the queues stay consistent on panic.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::DataEncoder;
+
+    /// A SEND_SENDER packet from pid number `id`, `size` payload bytes.
+    fn packet(encoder: &mut DataEncoder, id: u8, size: usize) -> OutgoingPacket {
+        let mut bytes = vec![112, 131, 104, 3, 97, 22, 88, 119, 3, b'a', b'@', b'b'];
+        bytes.extend_from_slice(&[0, 0, 0, id, 0, 0, 0, 0, 0, 0, 0, 1]);
+        bytes.extend_from_slice(&[88, 119, 3, b'c', b'@', b'd', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]);
+        bytes.resize(bytes.len() + size, 0);
+        let mut p = encoder.packet(bytes.len()).unwrap();
+        p.copy(&bytes);
+        p.finish().unwrap()
+    }
+
+    fn flat(chunks: Vec<Bytes>) -> usize {
+        chunks.iter().map(Bytes::len).sum()
+    }
+
+    #[test]
+    fn senders_get_their_own_streams_and_keep_them() {
+        let out = DataOut::new(4, 1 << 20);
+        let mut enc = DataEncoder::new(out.by_sender());
+        assert_eq!(out.push(vec![packet(&mut enc, 1, 5000)]), SendStatus::Ready);
+        // Sender 1's bytes sit on one stream; sender 2 is placed elsewhere.
+        let busy: Vec<usize> = (0..4).filter(|&i| out.streams[i].bytes.load(Ordering::Relaxed) > 0).collect();
+        assert_eq!(busy.len(), 1);
+        out.push(vec![packet(&mut enc, 2, 10)]);
+        assert_eq!(out.streams[busy[0]].bytes.load(Ordering::Relaxed), 5000 + 46);
+        let second: Vec<usize> =
+            (0..4).filter(|&i| i != busy[0] && out.streams[i].bytes.load(Ordering::Relaxed) > 0).collect();
+        assert_eq!(second.len(), 1);
+        // More from sender 1 stays on its stream.
+        out.push(vec![packet(&mut enc, 1, 10)]);
+        assert_eq!(flat(out.take(busy[0])), 5000 + 46 + 56);
+        assert_eq!(flat(out.take(second[0])), 56);
+    }
+
+    #[test]
+    fn fixed_packets_and_single_stream_mode_use_stream_zero() {
+        let out = DataOut::new(1, 1 << 20);
+        assert_eq!(out.stream_count(), 1);
+        let mut enc = DataEncoder::new(out.by_sender());
+        out.push(vec![packet(&mut enc, 1, 10), packet(&mut enc, 2, 10)]);
+        assert_eq!(flat(out.take(0)), 112);
+        let multi = DataOut::new(3, 1 << 20);
+        let mut enc = DataEncoder::new(true);
+        let mut raw = packet(&mut enc, 9, 1);
+        raw.pin_to_fixed_stream();
+        multi.push(vec![raw]);
+        assert_eq!(flat(multi.take(FIXED_STREAM)), 47);
+    }
+
+    #[test]
+    fn busy_past_the_limit_and_writable_at_the_low_watermark() {
+        let out = DataOut::new(2, 10_000);
+        let mut enc = DataEncoder::new(true);
+        assert_eq!(out.push(vec![packet(&mut enc, 1, 6000)]), SendStatus::Ready);
+        assert_eq!(out.push(vec![packet(&mut enc, 1, 6000)]), SendStatus::Busy);
+        let stream = (0..2).find(|&i| out.streams[i].bytes.load(Ordering::Relaxed) > 0).unwrap();
+        let taken = flat(out.take(stream));
+        assert!(!out.written(stream, 4000), "still above the low watermark");
+        assert!(out.written(stream, taken - 4000), "drained: the controller is told once");
+        assert_eq!(out.queued(), 0);
+        assert!(!out.written(stream, 0));
+    }
+}
