@@ -723,8 +723,9 @@ receiver(Sender, AckEvery, Pending, Msgs, Bytes) ->
 %%====================================================================
 
 %% bench/netns has made the namespaces, the veth link and the loss rule; this starts
-%% one node in each for every carrier, runs rtt_under_bulk/3 on A and prints one line
-%% per carrier: carrier p50_us p99_us max_us round_trips bulk_MB_s.
+%% one node in each for every carrier, runs rtt_under_bulk/3 on A and writes one line
+%% per carrier to $MACULA_BENCH_RESULTS: carrier p50_us p99_us max_us round_trips
+%% bulk_MB_s (or "carrier FAILED").
 netns_main() ->
     group_leader(whereis(standard_error), self()),
     Env = fun(K) -> os:getenv("MACULA_BENCH_" ++ K, "") end,
@@ -733,7 +734,10 @@ netns_main() ->
                [IpA, IpB] = string:lexemes(Env("NETNS_IPS"), ","),
                Ctx = (context())#{netns => {NsA, NsB}, ips => {IpA, IpB}},
                DurMs = list_to_integer(Env("HOL_MS")),
-               [netns_carrier(carrier(C), DurMs, Ctx) || C <- string:lexemes(Env("CARRIERS"), ",")],
+               {ok, Out} = file:open(Env("RESULTS"), [write]),
+               [netns_carrier(carrier(C), DurMs, Ctx#{out => Out})
+                || C <- string:lexemes(Env("CARRIERS"), ",")],
+               ok = file:close(Out),
                0
            catch
                Class:Reason:Stack ->
@@ -743,7 +747,7 @@ netns_main() ->
            end,
     erlang:halt(Code).
 
-netns_carrier(C, DurMs, Ctx = #{netns := {NsA, NsB}, ips := {IpA, IpB}}) ->
+netns_carrier(C, DurMs, Ctx = #{netns := {NsA, NsB}, ips := {IpA, IpB}, out := Out}) ->
     log(C, "starting nodes in ~s and ~s", [NsA, NsB]),
     try
         {NameA, NameB} = names(C),
@@ -752,13 +756,13 @@ netns_carrier(C, DurMs, Ctx = #{netns := {NsA, NsB}, ips := {IpA, IpB}}) ->
         {ok, _} = call(maps:get(peer, A), ?MODULE, timed_connect, [maps:get(node, B)]),
         check_carrier(C, A, B),
         R = call(maps:get(peer, A), ?MODULE, rtt_under_bulk, [maps:get(node, B), DurMs, false]),
-        io:format(user, "~p ~.1f ~.1f ~.1f ~p ~.0f~n",
+        io:format(Out, "~p ~.1f ~.1f ~.1f ~b ~b~n",
                   [C, maps:get(p50, R), maps:get(p99, R), maps:get(max, R), maps:get(count, R),
-                   maps:get(bulk_mb_s, R)])
+                   round(maps:get(bulk_mb_s, R))])
     catch
         Class:Reason:Stack ->
             err("[~p] FAILED: ~p:~p~n  ~p~n", [C, Class, Reason, Stack]),
-            io:format(user, "~p FAILED~n", [C])
+            io:format(Out, "~p FAILED~n", [C])
     after
         stop_all_nodes()
     end.

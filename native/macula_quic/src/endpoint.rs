@@ -227,7 +227,7 @@ async fn first_report_about(reports: &mut broadcast::Receiver<Unreachable>, addr
     }
 }
 
-/// A UDP socket with large kernel buffers, so bursts are not dropped before QUIC sees them.
+/// A UDP socket with kernel buffers sized for bursts (see the receive buffer below).
 fn bind_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -235,7 +235,10 @@ fn bind_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
         // Dual-stack on [::] so an IPv6 node also reaches IPv4 peers.
         let _ = socket.set_only_v6(false);
     }
-    let _ = socket.set_recv_buffer_size(4 << 20);
+    // Big enough for bursts, small enough that a receiver whose CPU cannot keep up
+    // with a bulk sender drops (and loss-based congestion control backs off) before
+    // its queue holds tens of milliseconds of datagrams that small messages wait behind.
+    let _ = socket.set_recv_buffer_size(1 << 20);
     let _ = socket.set_send_buffer_size(4 << 20);
     socket.bind(&addr.into())?;
     Ok(socket.into())
