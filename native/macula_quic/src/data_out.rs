@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
 use crate::frame::OutgoingPacket;
@@ -31,12 +31,45 @@ pub enum SendStatus {
     Busy,
 }
 
+/// Pieces below this size are copied together into the queue's tail rather than queued
+/// one by one: a stream of small messages then reaches QUIC as a few large writes.
+const COALESCE_BELOW: usize = 4096;
+
 /// One data stream's queue.
 #[derive(Default)]
 struct StreamQueue {
-    chunks: Mutex<VecDeque<Bytes>>,
+    chunks: Mutex<Chunks>,
     bytes: AtomicUsize,
     wake: Notify,
+}
+
+/// Queued pieces, oldest first; small ones gather in `tail`.
+#[derive(Default)]
+struct Chunks {
+    sealed: VecDeque<Bytes>,
+    tail: BytesMut,
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        if chunk.len() < COALESCE_BELOW {
+            self.tail.extend_from_slice(&chunk);
+        } else {
+            self.seal();
+            self.sealed.push_back(chunk);
+        }
+    }
+
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            self.sealed.push_back(self.tail.split().freeze());
+        }
+    }
+
+    fn take(&mut self) -> Vec<Bytes> {
+        self.seal();
+        self.sealed.drain(..).collect()
+    }
 }
 
 pub(crate) struct DataOut {
@@ -98,7 +131,8 @@ impl DataOut {
                 // Routes never name a stream beyond `streams()`, which sized `streams`.
                 let stream = &self.streams[index];
                 stream.bytes.fetch_add(packet.bytes, Ordering::Relaxed);
-                lock(&stream.chunks).extend(packet.chunks);
+                let mut queue = lock(&stream.chunks);
+                packet.chunks.into_iter().for_each(|chunk| queue.push(chunk));
                 total += packet.bytes;
                 woken |= 1 << index;
             }
@@ -122,7 +156,7 @@ impl DataOut {
 
     /// Everything queued on stream `index`, for its writer.
     pub(crate) fn take(&self, index: usize) -> Vec<Bytes> {
-        lock(&self.streams[index].chunks).drain(..).collect()
+        lock(&self.streams[index].chunks).take()
     }
 
     /// Wakes every writer (a graceful close: each ends its stream once its queue is out).
@@ -206,6 +240,27 @@ mod tests {
         raw.pin_to_fixed_stream();
         multi.push(vec![raw]);
         assert_eq!(flat(multi.take(FIXED_STREAM)), 47);
+    }
+
+    #[test]
+    fn small_packets_reach_the_writer_as_one_chunk_large_ones_as_they_are() {
+        let out = DataOut::new(1, 1 << 30);
+        let mut enc = DataEncoder::new(false);
+        out.push((0..100).map(|i| packet(&mut enc, i, 10)).collect());
+        let chunks = out.take(0);
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(flat(chunks), 100 * 56);
+        let big = Bytes::from(vec![9u8; 10_000]);
+        let before = packet(&mut enc, 1, 10);
+        let mut p = enc.packet(big.len()).unwrap();
+        p.borrow(big.clone());
+        let large = p.finish().unwrap();
+        out.push(vec![before, large, packet(&mut enc, 2, 10)]);
+        let chunks = out.take(0);
+        // The small packet before, the big one's header, then the big piece itself
+        // (shared, not copied), then the small packet after.
+        assert!(chunks.iter().any(|c| c.as_ptr() == big.as_ptr()));
+        assert_eq!(flat(chunks), 56 + 4 + 10_000 + 56);
     }
 
     #[test]
