@@ -11,14 +11,15 @@
 %%% <li>`{macula_handshake, Binary}' to the caller of recv_handshake/1;</li>
 %%% <li>`{macula_data, Credit, [Packet]}' to the input handler given to activate/2
 %%%     (Credit goes back with ack_data/2);</li>
-%%% <li>`macula_writable' and `{macula_closed, Reason}' to the connection's owner;</li>
+%%% <li>`macula_writable' and `{macula_closed, Reason}' to the connection's controller
+%%%     (set_controller/2), and before that to the owner given to connect/4;</li>
 %%% <li>`macula_endpoint_closed' to the caller of close_endpoint/1.</li>
 %%% </ul>
 -module(macula_dist_nif).
 
 -export([load/0]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
--export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
+-export([set_controller/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
          peer_cert_covers/2, refuse/3, activate/2, ack_data/2, send_data/2, send_unrouted/2,
          tick/1, stats/1, close/1, info/1]).
 -export([set_priority/3]).
@@ -79,6 +80,8 @@ endpoint_address(_Endpoint) -> ?NOT_LOADED.
 -spec accept(endpoint(), pid()) -> ok.
 accept(_Endpoint, _Acceptor) -> ?NOT_LOADED.
 
+%% `Owner' (the process that runs the handshake) gets the connection's events until
+%% set_controller/2 names the controller; its death closes the connection.
 -spec connect(endpoint(), binary(), inet:port_number(), Owner :: pid()) -> ok.
 connect(_Endpoint, _Host, _Port, _Owner) -> ?NOT_LOADED.
 
@@ -99,8 +102,10 @@ start_rebind(_Endpoint, _Ip, _Port) -> ?NOT_LOADED.
 
 %%% Connection
 
--spec set_owner(conn(), pid()) -> ok | {error, closed}.
-set_owner(_Conn, _Owner) -> ?NOT_LOADED.
+%% Names the connection's controller (see macula_dist_ctrl): it gets the connection's
+%% events, and its death closes the connection.
+-spec set_controller(conn(), pid()) -> ok | {error, closed}.
+set_controller(_Conn, _Controller) -> ?NOT_LOADED.
 
 -spec send_handshake(conn(), iodata()) -> ok | {error, closed | handshake_over | too_large}.
 send_handshake(_Conn, _Message) -> ?NOT_LOADED.

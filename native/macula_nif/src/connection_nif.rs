@@ -10,7 +10,8 @@ use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, Reso
 use crate::events::{self, send, ErlangEvents};
 use crate::{atoms, outgoing, priority, runtime, terms};
 
-/// A connection as Erlang holds it. When the monitored owner (the controller) dies, or
+/// A connection as Erlang holds it. When a monitored process (the controller, or the
+/// owner that connected) dies, or
 /// the last reference goes, the QUIC connection is closed.
 pub struct ConnResource {
     pub conn: Arc<Connection<ErlangEvents>>,
@@ -55,19 +56,19 @@ fn ok_or_error<'a>(env: Env<'a>, result: Result<(), ConnError>) -> Term<'a> {
     }
 }
 
-/// Makes `owner` the controller: it is monitored (its death closes the connection) and
-/// gets `macula_writable` and `{macula_closed, Reason}`.
+/// Names the connection's controller: it is monitored (its death closes the connection)
+/// and gets `macula_writable` and `{macula_closed, Reason}`.
 #[rustler::nif]
-fn set_owner<'a>(env: Env<'a>, conn: Conn, owner: LocalPid) -> Term<'a> {
-    events::set(&conn.conn.events().owner, owner);
-    if env.monitor(&conn, &owner).is_none() {
+fn set_controller<'a>(env: Env<'a>, conn: Conn, controller: LocalPid) -> Term<'a> {
+    events::set(&conn.conn.events().controller, controller);
+    if env.monitor(&conn, &controller).is_none() {
         conn.conn.close();
         return error_term(env, ConnError::Closed);
     }
     if let (Some(reason), Some(runtime)) = (conn.conn.close_reason().cloned(), runtime::get()) {
-        // Closed before it had an owner: tell the new one (from a tokio thread).
+        // Closed before it had a controller: tell this one (from a tokio thread).
         runtime.spawn(async move {
-            send(&owner, |env| (atoms::macula_closed(), terms::close_reason(env, &reason)).encode(env));
+            send(&controller, |env| (atoms::macula_closed(), terms::close_reason(env, &reason)).encode(env));
         });
     }
     atoms::ok().encode(env)

@@ -102,7 +102,8 @@ fn accept(endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> NifRes
 
 /// Connects to `Port@Host` in the background. The caller gets `{macula_connect,
 /// {ok, Conn}}` or `{macula_connect, {error, {Kind, Message}}}`; `owner` (the
-/// controller) is monitored and gets the connection's events.
+/// process that runs the handshake) is monitored and gets the connection's events until
+/// `set_controller` names the controller.
 #[rustler::nif]
 fn connect(
     env: Env,
@@ -128,8 +129,12 @@ fn connect(
         };
         match endpoint.connect(addr).await {
             Ok(established) => {
-                let conn =
-                    Connection::start(established, true, ErlangEvents::with_owner(owner), endpoint.settings().clone());
+                let conn = Connection::start(
+                    established,
+                    true,
+                    ErlangEvents::reporting_to(owner),
+                    endpoint.settings().clone(),
+                );
                 let resource = ResourceArc::new(ConnResource::new(conn));
                 if resource.monitor(None, &owner).is_none() {
                     resource.conn.close();

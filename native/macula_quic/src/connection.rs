@@ -55,7 +55,7 @@ const MAX_REFUSAL_PHRASE: usize = 200;
 pub trait Events: Send + Sync + 'static {
     /// Buffer type decoded data packets are assembled in.
     type Packet: PacketBuf + Send + 'static;
-    /// A handshake message for an owner that found none waiting in
+    /// A handshake message for a reader that found none waiting in
     /// [`Connection::take_handshake_frame`].
     fn handshake_frame(&self, frame: Vec<u8>);
     /// Complete distribution packets of one stream, in arrival order, holding `credit`
@@ -366,7 +366,7 @@ impl<E: Events> Connection<E> {
         self.close_with(CloseReason::Local, close_code::SHUTDOWN, b"shutdown");
     }
 
-    /// Closes the connection, recording `reason` as what the owner is told.
+    /// Closes the connection, recording `reason` as what [`Events::closed`] reports.
     pub fn close_with(&self, reason: CloseReason, code: u32, wire_reason: &[u8]) {
         let _ = self.close_reason.set(reason);
         self.quic.close(VarInt::from_u32(code), wire_reason);
@@ -494,7 +494,7 @@ impl<E: Events> Connection<E> {
         graceful_close::parse_end_of_data(message)
     }
 
-    /// Hands a handshake message to a waiting owner, or keeps it (at most
+    /// Hands a handshake message to a waiting reader, or keeps it (at most
     /// [`HANDSHAKE_INBOX`] of them; then the stream is not read further until one is
     /// taken). False when the connection is over.
     async fn file_handshake_frame(&self, message: Vec<u8>) -> bool {
@@ -672,14 +672,14 @@ impl<E: Events> Connection<E> {
     }
 }
 
-/// Handshake messages kept for the owner before the control stream is read no further.
+/// Handshake messages kept for the reader before the control stream is read no further.
 const HANDSHAKE_INBOX: usize = 4;
 
-/// Handshake messages that arrived before the owner asked for them.
+/// Handshake messages that arrived before the reader asked for them.
 #[derive(Default)]
 struct HandshakeInbox {
     frames: VecDeque<Vec<u8>>,
-    /// The owner asked and found nothing: the next message goes to it as an event.
+    /// The reader asked and found nothing: the next message goes to it as an event.
     waiting: bool,
 }
 
