@@ -228,15 +228,15 @@ nif_options_test() ->
     ?assertEqual(lists:sort([data_streams, stream_window, send_window, send_queue_limit, max_packet,
                              max_udp_payload, delivery_window, max_pending_handshakes,
                              runtime_workers, congestion, tick_time_ms, handshake_timeout_ms,
-                             certfile, keyfile, cacertfile, liveness_interval_ms,
+                             certfile, keyfile, cacertfile, liveness_interval,
                              node_name, cookie]),
                  lists:sort(maps:keys(Opts))),
     %% The restart identity is filled in by macula_dist:listen/2; none by default.
     ?assertEqual({<<>>, <<>>}, {maps:get(node_name, Opts), maps:get(cookie, Opts)}),
-    ?assertEqual(500, maps:get(liveness_interval_ms, Opts)),
+    ?assertEqual(500, maps:get(liveness_interval, Opts)),
     ?assertEqual(8 bsl 20, maps:get(stream_window, Opts)),
-    %% Zero-configuration mode: the PKI files are present, empty.
-    ?assertEqual({<<>>, <<>>, <<>>}, {maps:get(certfile, Opts), maps:get(keyfile, Opts),
+    %% Zero-configuration mode: the PKI files are present, undefined.
+    ?assertEqual({undefined, undefined, undefined}, {maps:get(certfile, Opts), maps:get(keyfile, Opts),
                                       maps:get(cacertfile, Opts)}),
     ?assert(is_integer(maps:get(tick_time_ms, Opts)) andalso maps:get(tick_time_ms, Opts) > 0),
     ?assert(is_integer(maps:get(handshake_timeout_ms, Opts))

@@ -43,7 +43,7 @@ fn start_listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOpti
         Err(e) => return Ok(terms::error(env, atoms::bind(), &format!("cannot start runtime: {e}"))),
     };
     let caller = env.pid();
-    let settings = options.settings()?;
+    let settings = options.settings;
     runtime.spawn(async move {
         let result = Endpoint::bind(addr, settings);
         send(&caller, |env| {

@@ -100,7 +100,7 @@ impl Endpoint {
             }
             None => EndpointConfig::default(),
         };
-        config.max_udp_payload_size(settings.max_udp_payload.max(1200)).ok();
+        config.max_udp_payload_size(settings.max_udp_payload).ok();
         let (reports, _) = broadcast::channel(icmp_socket::REPORT_BACKLOG);
         let socket = icmp_socket::wrap(socket, reports.clone()).map_err(|source| BindError::Socket { addr, source })?;
         let mut quic = quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(TokioRuntime))
