@@ -14,7 +14,8 @@
 %%% PKI mode (mutual TLS) is on when `certfile', `keyfile' and `cacertfile' are
 %%% given; giving only some of them is an error. Here the files are only checked to be
 %%% readable (with prim_file: there is no file server yet); the NIF parses them when the
-%%% endpoint opens and fails the boot with `{tls, Message}' naming option and file.
+%%% endpoint opens and fails the boot with `{tls, Why}' naming option and file
+%%% (macula_dist_nif:listen_error()).
 %%% `verify_name' (PKI mode only) makes each side check that the peer's certificate
 %%% covers the host part of its node name (see macula_dist_auth).
 -module(macula_dist_config).

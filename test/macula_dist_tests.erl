@@ -364,3 +364,22 @@ listen_handle_opts_test() ->
 
 childspecs_test() ->
     ?assertEqual({ok, []}, macula_dist:childspecs()).
+
+%%% The log text of the NIF's typed errors (macula_dist_nif:format_error/1): boot
+%%% messages name the option and the file.
+
+format_error_names_option_and_file_test() ->
+    ?assertEqual("keyfile /k.pem does not match the certificate in certfile /c.pem",
+                 macula_dist_nif:format_error({tls, {key_mismatch, <<"/c.pem">>, <<"/k.pem">>}})),
+    ?assertEqual("cacertfile /ca.pem: no certificate in file",
+                 macula_dist_nif:format_error({tls, {file, cacertfile, <<"/ca.pem">>,
+                                                     <<"no certificate in file">>}})),
+    ?assertEqual("cannot bind udp [::1]:4433: address already in use",
+                 macula_dist_nif:format_error({bind, {{0, 0, 0, 0, 0, 0, 0, 1}, 4433}, eaddrinuse})),
+    ?assertEqual("port unreachable from 127.0.0.1:4433",
+                 macula_dist_nif:format_error({unreachable, {port, {{127, 0, 0, 1}, 4433}}})),
+    ?assertEqual("dropped: too many unauthenticated connections",
+                 macula_dist_nif:format_error(overloaded)),
+    %% Anything else (a configuration error) is printed as a term, on one line.
+    ?assertEqual("{option,port,{out_of_range,0,1,65535}}",
+                 macula_dist_nif:format_error({option, port, {out_of_range, 0, 1, 65535}})).

@@ -58,11 +58,6 @@ pub fn text<'a>(env: Env<'a>, text: &str) -> Term<'a> {
     bytes(env, text.as_bytes())
 }
 
-/// `{error, {Kind, Message}}`.
-pub fn error<'a>(env: Env<'a>, kind: rustler::Atom, message: &str) -> Term<'a> {
-    (atoms::error(), (kind, text(env, message))).encode(env)
-}
-
 /// The exit reason the Erlang controller takes for `reason`; it becomes the nodedown reason.
 pub fn close_reason<'a>(env: Env<'a>, reason: &CloseReason) -> Term<'a> {
     match reason {
