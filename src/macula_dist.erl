@@ -123,7 +123,7 @@ family(Ip) when tuple_size(Ip) =:= 8 -> inet6.
 
 %% The logger is not running yet when listen/2 fails at boot; stderr is. One line.
 report_boot_error(What, Reason) ->
-    Text = io_lib:format("macula_dist: cannot ~ts: ~ts~n", [What, io_lib:print(Reason, 1, 1 bsl 20, -1)]),
+    Text = io_lib:format("macula_dist: cannot ~ts: ~ts~n", [What, macula_dist_nif:format_error(Reason)]),
     catch erlang:display_string(lists:flatten(Text)),
     ok.
 
@@ -202,16 +202,20 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
                            ?shutdown2(Node, {cannot_locate, NotFound})
                    end,
     dist_util:reset_timer(Timer),
-    ok = macula_dist_nif:connect(endpoint(), unicode:characters_to_binary(Host), Port, self()),
+    case macula_dist_nif:connect(endpoint(), unicode:characters_to_binary(Host), Port, self()) of
+        ok -> ok;
+        {error, NotListening} -> ?shutdown2(Node, NotListening)
+    end,
     Conn = receive
                {macula_connect, {ok, C}} -> C;
                {macula_connect, {error, {tls, _} = Why}} ->
                    %% Certificates refused (PKI mode), by either side: say so.
                    macula_dist_events:refused(to, Node, undefined, Why),
                    ?shutdown2(Node, Why);
-               {macula_connect, {error, {unreachable, What} = Why}} ->
+               {macula_connect, {error, {unreachable, _} = Why}} ->
                    %% ICMP said nobody is there (TCP's "connection refused"): fail now.
-                   ?LOG_WARNING("macula_dist: cannot connect to ~ts: ~ts", [Node, What]),
+                   ?LOG_WARNING("macula_dist: cannot connect to ~ts: ~ts",
+                                [Node, macula_dist_nif:format_error(Why)]),
                    ?shutdown2(Node, Why);
                {macula_connect, {error, Why}} ->
                    ?shutdown2(Node, Why)

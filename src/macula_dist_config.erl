@@ -14,7 +14,8 @@
 %%% PKI mode (mutual TLS) is on when `certfile', `keyfile' and `cacertfile' are
 %%% given; giving only some of them is an error. Here the files are only checked to be
 %%% readable (with prim_file: there is no file server yet); the NIF parses them when the
-%%% endpoint opens and fails the boot with `{tls, Message}' naming option and file.
+%%% endpoint opens and fails the boot with `{tls, Why}' naming option and file
+%%% (macula_dist_nif:listen_error()).
 %%% `verify_name' (PKI mode only) makes each side check that the peer's certificate
 %%% covers the host part of its node name (see macula_dist_auth).
 -module(macula_dist_config).
@@ -25,43 +26,45 @@
 
 -type config() :: #{atom() => term()}.
 
-%% The one table of options: name, default, and the check a value must pass.
+%% The one table of options: name, default, the check a value must pass, and who uses
+%% it: `nif' options go to the NIF's listen/3 as they are (see nif_options/1), `erlang'
+%% ones are read by the Erlang modules.
 -define(OPTIONS,
         [%% 1: one ordered data stream (atom cache allowed); more: each sending process
          %% keeps to one of that many streams, plus a priority stream.
-         {data_streams, 8, {integer, 1, 32}},
-         {stream_window, 8 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_window, 32 bsl 20, {integer, 65536, 1 bsl 40}},
-         {send_queue_limit, 8 bsl 20, {integer, 65536, 1 bsl 40}},
+         {data_streams, 8, {integer, 1, 32}, nif},
+         {stream_window, 8 bsl 20, {integer, 65536, 1 bsl 40}, nif},
+         {send_window, 32 bsl 20, {integer, 65536, 1 bsl 40}, nif},
+         {send_queue_limit, 8 bsl 20, {integer, 65536, 1 bsl 40}, nif},
          %% The most one send_data call frames on a scheduler thread.
-         {send_batch, 1 bsl 20, {integer, 1024, 8 bsl 20}},
-         {max_packet, 1 bsl 30, {integer, 1024, (1 bsl 32) - 1}},
+         {send_batch, 1 bsl 20, {integer, 1024, 8 bsl 20}, erlang},
+         {max_packet, 1 bsl 30, {integer, 1024, (1 bsl 32) - 1}, nif},
          %% Above 6500, ten GSO segments exceed the 64 KiB a UDP send may carry.
-         {max_udp_payload, 6500, {integer, 1200, 6500}},
+         {max_udp_payload, 6500, {integer, 1200, 6500}, nif},
          %% Received bytes handed to the input handler and not yet in the VM: how long
          %% a small message may wait there behind other senders' bulk data.
-         {delivery_window, 2 bsl 20, {integer, 65536, 64 bsl 20}},
-         {max_pending_handshakes, 64, {integer, 1, 100000}},
-         {runtime_workers, 1, {integer, 1, 64}},
-         {congestion, cubic, {one_of, [cubic, bbr, new_reno]}},
+         {delivery_window, 2 bsl 20, {integer, 65536, 64 bsl 20}, nif},
+         {max_pending_handshakes, 64, {integer, 1, 100000}, nif},
+         {runtime_workers, 1, {integer, 1, 64}, nif},
+         {congestion, cubic, {one_of, [cubic, bbr, new_reno]}, nif},
          %% Milliseconds of idleness before a QUIC keep-alive; bounds how soon a crashed
          %% peer's host answers with ICMP port unreachable (fail-fast, README).
-         {liveness_interval, 500, {integer, 20, 60000}},
+         {liveness_interval, 500, {integer, 20, 60000}, nif},
          %% PKI mode: PEM files, all three or none.
-         {certfile, undefined, file},
-         {keyfile, undefined, file},
-         {cacertfile, undefined, file},
-         {verify_name, false, boolean},
+         {certfile, undefined, file, nif},
+         {keyfile, undefined, file, nif},
+         {cacertfile, undefined, file, nif},
+         {verify_name, false, boolean, erlang},
          %% Nodes named Name@Host (see macula_dist_discovery).
-         {port, undefined, {integer, 1, 65535}},
-         {address_book, undefined, address_book}]).
+         {port, undefined, {integer, 1, 65535}, erlang},
+         {address_book, undefined, address_book, erlang}]).
 
 -define(PKI_FILES, [certfile, keyfile, cacertfile]).
 
 %% @doc The defaults of every option.
 -spec defaults() -> config().
 defaults() ->
-    maps:from_list([{Key, Default} || {Key, Default, _} <- ?OPTIONS]).
+    maps:from_list([{Key, Default} || {Key, Default, _, _} <- ?OPTIONS]).
 
 %% @doc Reads and checks the options given to this node.
 -spec load() -> {ok, config()} | {error, {option, atom() | string(), term()}}.
@@ -85,12 +88,12 @@ parse(Pairs) ->
 
 parse_pair({Key0, Value0}, Acc) ->
     Key = option_key(Key0),
-    {Key, _Default, Check} = lists:keyfind(Key, 1, ?OPTIONS),
+    {Key, _Default, Check, _Use} = lists:keyfind(Key, 1, ?OPTIONS),
     Acc#{Key => check(Key, Check, Value0)}.
 
 option_key(Key) when is_atom(Key) -> option_key(atom_to_list(Key));
 option_key(Key) when is_list(Key) ->
-    case [K || {K, _, _} <- ?OPTIONS, atom_to_list(K) =:= Key] of
+    case [K || {K, _, _, _} <- ?OPTIONS, atom_to_list(K) =:= Key] of
         [K] -> K;
         [] -> bad(Key, {unknown_option, known_options()})
     end;
@@ -98,7 +101,7 @@ option_key(Key) ->
     bad(Key, unknown_option).
 
 known_options() ->
-    [K || {K, _, _} <- ?OPTIONS].
+    [K || {K, _, _, _} <- ?OPTIONS].
 
 check(Key, {integer, Min, Max}, Value) when is_list(Value) ->
     try list_to_integer(Value) of
@@ -232,24 +235,21 @@ parse_forms(Path, Tokens) ->
             bad(macula_dist_optfile, {Path, missing_final_dot})
     end.
 
-%% @doc The map the NIF's listen/3 takes: the options plus the kernel timers. Every key
-%% is present; PKI file names are binaries, empty in zero-configuration mode.
+%% @doc The map the NIF's listen/3 takes: every `nif' option of the table (PKI file
+%% names as binaries, `undefined' in zero-configuration mode; `liveness_interval' in
+%% milliseconds), the kernel timers in milliseconds, and an empty restart identity
+%% (macula_dist:listen/2 fills it in).
 -spec nif_options(config()) -> map().
 nif_options(Config) ->
-    Keys = [data_streams, stream_window, send_window, send_queue_limit, max_packet, max_udp_payload,
-            delivery_window, max_pending_handshakes, runtime_workers, congestion],
-    #{liveness_interval := Liveness} = Config,
-    Files = maps:from_list([{Key, path_binary(maps:get(Key, Config, undefined))}
-                            || Key <- ?PKI_FILES]),
-    maps:merge(maps:with(Keys, Config),
-               Files#{liveness_interval_ms => Liveness,
-                      %% The stateless-reset identity; macula_dist:listen/2 fills it in.
-                      node_name => <<>>, cookie => <<>>,
-                      tick_time_ms => kernel_seconds(net_ticktime, 60) * 1000,
-                      handshake_timeout_ms => kernel_seconds(net_setuptime, 7) * 1000}).
+    Options = maps:from_list([{Key, nif_value(Check, maps:get(Key, Config))}
+                              || {Key, _Default, Check, nif} <- ?OPTIONS]),
+    Options#{node_name => <<>>, cookie => <<>>,
+             tick_time_ms => kernel_seconds(net_ticktime, 60) * 1000,
+             handshake_timeout_ms => kernel_seconds(net_setuptime, 7) * 1000}.
 
-path_binary(undefined) -> <<>>;
-path_binary(Path) -> unicode:characters_to_binary(Path).
+nif_value(file, undefined) -> undefined;
+nif_value(file, Path) -> unicode:characters_to_binary(Path);
+nif_value(_Check, Value) -> Value.
 
 kernel_seconds(Key, Default) ->
     case application:get_env(kernel, Key) of

@@ -85,7 +85,7 @@ hand_over(Ctrl, Owner) ->
     ok.
 
 init(Conn, Owner0) ->
-    case macula_dist_nif:set_owner(Conn, self()) of
+    case macula_dist_nif:set_controller(Conn, self()) of
         ok -> ok;
         {error, closed} -> exit(connection_closed)
     end,

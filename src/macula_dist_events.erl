@@ -64,9 +64,8 @@ refused(Direction, Node, Address, Reason) ->
                  #{domain => ?DOMAIN, macula_event => refused, node => Node, address => Address,
                    initiator => Direction =:= to, reason => Reason}).
 
-%% The NIF's refusals are text already.
 reason_text(Reason) when is_binary(Reason) -> Reason;
-reason_text(Reason) -> io_lib:format("~tp", [Reason]).
+reason_text(Reason) -> macula_dist_nif:format_error(Reason).
 
 text(undefined) -> "";
 text(Atom) when is_atom(Atom) -> atom_to_list(Atom);

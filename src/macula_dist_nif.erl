@@ -6,29 +6,55 @@
 %%%
 %%% No function here blocks. Anything that waits answers later with a message:
 %%% <ul>
-%%% <li>`{macula_incoming, Conn, PeerAddr}', `{macula_refused, PeerAddr, Why}' to the acceptor;</li>
-%%% <li>`{macula_connect, {ok, Conn} | {error, {Kind, Message}}}' to the caller of connect/4;</li>
+%%% <li>`{macula_incoming, Conn, PeerAddr}', `{macula_refused, PeerAddr, refusal()}' to the
+%%%     acceptor;</li>
+%%% <li>`{macula_connect, {ok, Conn} | {error, connect_error()}}' to the caller of connect/4;</li>
 %%% <li>`{macula_handshake, Binary}' to the caller of recv_handshake/1;</li>
 %%% <li>`{macula_data, Credit, [Packet]}' to the input handler given to activate/2
 %%%     (Credit goes back with ack_data/2);</li>
-%%% <li>`macula_writable' and `{macula_closed, Reason}' to the connection's owner;</li>
+%%% <li>`macula_writable' and `{macula_closed, Reason}' to the connection's controller
+%%%     (set_controller/2), and before that to the owner given to connect/4;</li>
 %%% <li>`macula_endpoint_closed' to the caller of close_endpoint/1.</li>
 %%% </ul>
+%%%
+%%% Errors are atoms and tagged tuples (the types below) that callers match;
+%%% {@link format_error/1} makes the text for the log. Binaries inside them are free
+%%% text from a library or the peer. Arguments of the wrong type raise `badarg'.
 -module(macula_dist_nif).
 
--export([load/0]).
+-export([load/0, format_error/1]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
--export([set_owner/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
+-export([set_controller/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
          peer_cert_covers/2, refuse/3, activate/2, ack_data/2, send_data/2, send_unrouted/2,
          tick/1, stats/1, close/1, info/1]).
 -export([set_priority/3]).
 
--export_type([endpoint/0, conn/0, close_reason/0, credit/0]).
+-export_type([endpoint/0, conn/0, close_reason/0, credit/0, listen_error/0, bind_error/0,
+              connect_error/0, refusal/0]).
 
 -type endpoint() :: reference().
 -type conn() :: reference().
 -type credit() :: {normal | priority, non_neg_integer()}.
--type error_kind() :: bind | tls | resolve | connect | unreachable.
+-type address() :: {inet:ip_address(), inet:port_number()}.
+%% An OS error as inet names it (`eaddrinuse', ...), or its text if it has no name.
+-type posix() :: inet:posix() | binary().
+-type bind_error() :: {bind, address(), posix()}
+                    | not_listening   % no endpoint was ever opened
+                    | bind_timeout.   % the runtime thread did not answer
+-type tls_error() :: {file, certfile | keyfile | cacertfile, Path :: binary(), Why :: binary()}
+                   | {key_mismatch, Certfile :: binary(), Keyfile :: binary()}
+                   | {setup, binary()}.
+-type listen_error() :: bind_error() | {tls, tls_error()} | {runtime, posix()}.
+-type connect_error() :: not_listening
+                       | {bad_host, binary()}
+                       | {resolve, Host :: binary(), no_address | binary()}
+                       %% The TLS handshake failed (a certificate refused, PKI mode).
+                       | {tls, {alert, 0..255, binary()}}
+                       %% ICMP: nobody is there (TCP's "connection refused").
+                       | {unreachable, {port | host | network | prohibited | other, address()}}
+                       | {connect, timeout | binary()}.
+%% Why an incoming connection was dropped before the acceptor saw it.
+-type refusal() :: overloaded | handshake_timeout | {handshake, binary()}.
 -type close_reason() :: connection_closed | net_tick_timeout | closed
                       | {peer_closed, non_neg_integer(), binary()}
                       | {protocol_violation, binary()}
@@ -47,6 +73,48 @@ load() ->
         {error, Reason} -> {error, {load_nif, Path, Reason}}
     end.
 
+%% @doc The log text of an error of this module's functions and messages (anything
+%% else is printed as a term).
+-spec format_error(term()) -> string().
+format_error(Reason) ->
+    lists:flatten(describe(Reason)).
+
+describe({bind, Address, Why}) ->
+    io_lib:format("cannot bind udp ~ts: ~ts", [address(Address), posix(Why)]);
+describe(not_listening) -> "no endpoint is listening";
+describe(bind_timeout) -> "the runtime thread did not answer";
+describe({runtime, Why}) -> io_lib:format("cannot start runtime: ~ts", [posix(Why)]);
+describe({tls, {file, Option, Path, Why}}) -> io_lib:format("~ts ~ts: ~ts", [Option, Path, Why]);
+describe({tls, {key_mismatch, Certfile, Keyfile}}) ->
+    io_lib:format("keyfile ~ts does not match the certificate in certfile ~ts", [Keyfile, Certfile]);
+describe({tls, {setup, Why}}) -> io_lib:format("tls configuration failed: ~ts", [Why]);
+describe({tls, {alert, Alert, Why}}) -> io_lib:format("tls handshake failed (alert ~b): ~ts", [Alert, Why]);
+describe({bad_host, Host}) -> io_lib:format("'~ts' is neither an IP address nor a valid host name", [Host]);
+describe({resolve, Host, no_address}) -> io_lib:format("~ts: host name has no address", [Host]);
+describe({resolve, Host, Why}) -> io_lib:format("~ts: host name lookup failed: ~ts", [Host, Why]);
+describe({unreachable, {Kind, Address}}) ->
+    io_lib:format("~ts from ~ts", [unreachable(Kind), address(Address)]);
+describe({connect, timeout}) -> "handshake timed out";
+describe({connect, Why}) -> io_lib:format("connection failed: ~ts", [Why]);
+describe(overloaded) -> "dropped: too many unauthenticated connections";
+describe(handshake_timeout) -> "did not authenticate within net_setuptime";
+describe({handshake, Why}) -> io_lib:format("handshake failed: ~ts", [Why]);
+describe(no_peer_certificate) -> "the peer presented no certificate";
+describe({bad_peer_certificate, Why}) -> io_lib:format("the peer's certificate cannot be parsed: ~ts", [Why]);
+describe(Other) -> io_lib:print(Other, 1, 1 bsl 20, -1).
+
+posix(Why) when is_atom(Why) -> inet:format_error(Why);
+posix(Why) -> Why.
+
+unreachable(port) -> "port unreachable";
+unreachable(host) -> "host unreachable";
+unreachable(network) -> "network unreachable";
+unreachable(prohibited) -> "administratively prohibited";
+unreachable(other) -> "destination unreachable".
+
+address({Ip, Port}) when tuple_size(Ip) =:= 8 -> io_lib:format("[~ts]:~b", [inet:ntoa(Ip), Port]);
+address({Ip, Port}) -> io_lib:format("~ts:~b", [inet:ntoa(Ip), Port]).
+
 priv_dir() ->
     case code:priv_dir(macula_dist) of
         {error, bad_name} ->
@@ -61,46 +129,53 @@ priv_dir() ->
 -define(BIND_TIMEOUT, 10000).
 
 %% Binds the node's UDP endpoint (on a runtime thread; this waits for the answer).
--spec listen(inet:ip_address(), inet:port_number(), map()) ->
-          {ok, endpoint()} | {error, {error_kind(), binary()}}.
+-spec listen(inet:ip_address(), inet:port_number(), map()) -> {ok, endpoint()} | {error, listen_error()}.
 listen(Ip, Port, Options) ->
     ok = start_listen(Ip, Port, Options),
     receive
         {macula_listen, Result} -> Result
     after ?BIND_TIMEOUT ->
-            {error, {bind, <<"the runtime thread did not answer">>}}
+            {error, bind_timeout}
     end.
 
 start_listen(_Ip, _Port, _Options) -> ?NOT_LOADED.
 
--spec endpoint_address(endpoint()) -> {ok, {inet:ip_address(), inet:port_number()}} | {error, {bind, binary()}}.
+-spec endpoint_address(endpoint()) -> {ok, address()} | {error, posix()}.
 endpoint_address(_Endpoint) -> ?NOT_LOADED.
 
--spec accept(endpoint(), pid()) -> ok.
+-spec accept(endpoint(), pid()) -> ok | {error, not_listening}.
 accept(_Endpoint, _Acceptor) -> ?NOT_LOADED.
 
--spec connect(endpoint(), binary(), inet:port_number(), Owner :: pid()) -> ok.
+%% `Owner' (the process that runs the handshake) gets the connection's events until
+%% set_controller/2 names the controller; its death closes the connection.
+-spec connect(endpoint(), binary(), inet:port_number(), Owner :: pid()) -> ok | {error, not_listening}.
 connect(_Endpoint, _Host, _Port, _Owner) -> ?NOT_LOADED.
 
 -spec close_endpoint(endpoint()) -> ok.
 close_endpoint(_Endpoint) -> ?NOT_LOADED.
 
 %% Moves the endpoint to a new UDP socket (bound on a runtime thread; this waits).
--spec rebind(endpoint(), inet:ip_address(), inet:port_number()) -> ok | {error, {bind, binary()}}.
+-spec rebind(endpoint(), inet:ip_address(), inet:port_number()) -> ok | {error, bind_error()}.
 rebind(Endpoint, Ip, Port) ->
-    ok = start_rebind(Endpoint, Ip, Port),
-    receive
-        {macula_rebind, Result} -> Result
-    after ?BIND_TIMEOUT ->
-            {error, {bind, <<"the runtime thread did not answer">>}}
+    case start_rebind(Endpoint, Ip, Port) of
+        ok ->
+            receive
+                {macula_rebind, Result} -> Result
+            after ?BIND_TIMEOUT ->
+                    {error, bind_timeout}
+            end;
+        {error, not_listening} = Error ->
+            Error
     end.
 
 start_rebind(_Endpoint, _Ip, _Port) -> ?NOT_LOADED.
 
 %%% Connection
 
--spec set_owner(conn(), pid()) -> ok | {error, closed}.
-set_owner(_Conn, _Owner) -> ?NOT_LOADED.
+%% Names the connection's controller (see macula_dist_ctrl): it gets the connection's
+%% events, and its death closes the connection.
+-spec set_controller(conn(), pid()) -> ok | {error, closed}.
+set_controller(_Conn, _Controller) -> ?NOT_LOADED.
 
 -spec send_handshake(conn(), iodata()) -> ok | {error, closed | handshake_over | too_large}.
 send_handshake(_Conn, _Message) -> ?NOT_LOADED.
@@ -123,7 +198,7 @@ auth_verify(_Conn, _Cookie, _Role, _NodeName, _Proof) -> ?NOT_LOADED.
 %% Whether the certificate the peer presented covers `Host' (IP SAN for an IP address,
 %% DNS SAN for a host name); in PKI mode it is already verified against the CA.
 -spec peer_cert_covers(conn(), Host :: binary()) ->
-          boolean() | {error, no_peer_certificate | {tls, binary()}}.
+          boolean() | {error, no_peer_certificate | {bad_peer_certificate, binary()}}.
 peer_cert_covers(_Conn, _Host) -> ?NOT_LOADED.
 
 %% Closes a connection whose peer failed to authenticate; it sees close code 2

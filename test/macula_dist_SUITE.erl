@@ -24,7 +24,7 @@
          init_stop_gives_nodedown/1, disconnect_and_reconnect/1,
          simultaneous_connect/1, three_nodes_global_and_pg/1, wrong_cookie/1,
          hidden_node/1, node_info_and_opts/1, ipv6/1, malformed_node_names/1,
-         unreachable_port/1, embedded_mode_boot/1]).
+         unreachable_port/1, typed_errors/1, embedded_mode_boot/1]).
 
 -define(P, macula_test_peer).
 -define(PORT_RANGE, {20000, 29799}).
@@ -39,7 +39,7 @@ all() ->
      monitors_see_node_death, kill_gives_nodedown, init_stop_gives_nodedown,
      disconnect_and_reconnect, simultaneous_connect, three_nodes_global_and_pg,
      wrong_cookie, hidden_node, node_info_and_opts, ipv6, malformed_node_names,
-     unreachable_port, embedded_mode_boot].
+     unreachable_port, typed_errors, embedded_mode_boot].
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases
@@ -582,6 +582,31 @@ unreachable_port(Config) ->
     ?assert(Ms < 8000),
     ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
     {comment, io_lib:format("pang after ~b ms", [Ms])}.
+
+%% Shows: the NIF's errors are terms a caller can match, with text for the log made
+%% by macula_dist_nif:format_error/1: binding a port this node holds already, a host
+%% name that is not one, and a resolver that finds nothing.
+typed_errors(Config) ->
+    [A] = start_nodes(Config, 1),
+    Port = port(Config, 1),
+    Result = ?P:run(A, fun() ->
+                               {Endpoint, _, _} = persistent_term:get({macula_dist, endpoint}),
+                               Options = macula_dist_config:nif_options(macula_dist_config:defaults()),
+                               Taken = macula_dist_nif:listen({127, 0, 0, 1}, Port, Options),
+                               Connect = fun(Host) ->
+                                                 ok = macula_dist_nif:connect(Endpoint, Host, 1, self()),
+                                                 receive {macula_connect, R} -> R after 10000 -> timeout end
+                                         end,
+                               {Taken, macula_dist_nif:format_error(element(2, Taken)),
+                                Connect(<<"not a host!">>), Connect(<<"no-such-host.invalid">>)}
+                       end, 20000),
+    ct:pal("~p", [Result]),
+    {Taken, TakenText, BadHost, NoHost} = Result,
+    ?assertEqual({error, {bind, {{127, 0, 0, 1}, Port}, eaddrinuse}}, Taken),
+    ?assertEqual("cannot bind udp 127.0.0.1:" ++ integer_to_list(Port) ++ ": address already in use",
+                 TakenText),
+    ?assertEqual({error, {bad_host, <<"not a host!">>}}, BadHost),
+    ?assertMatch({error, {resolve, <<"no-such-host.invalid">>, _}}, NoHost).
 
 %% Shows: a node booted in embedded mode from a boot script, as a release is, starts
 %% macula distribution at boot (the NIF is loaded by listen/2, not by an on_load that

@@ -228,15 +228,15 @@ nif_options_test() ->
     ?assertEqual(lists:sort([data_streams, stream_window, send_window, send_queue_limit, max_packet,
                              max_udp_payload, delivery_window, max_pending_handshakes,
                              runtime_workers, congestion, tick_time_ms, handshake_timeout_ms,
-                             certfile, keyfile, cacertfile, liveness_interval_ms,
+                             certfile, keyfile, cacertfile, liveness_interval,
                              node_name, cookie]),
                  lists:sort(maps:keys(Opts))),
     %% The restart identity is filled in by macula_dist:listen/2; none by default.
     ?assertEqual({<<>>, <<>>}, {maps:get(node_name, Opts), maps:get(cookie, Opts)}),
-    ?assertEqual(500, maps:get(liveness_interval_ms, Opts)),
+    ?assertEqual(500, maps:get(liveness_interval, Opts)),
     ?assertEqual(8 bsl 20, maps:get(stream_window, Opts)),
-    %% Zero-configuration mode: the PKI files are present, empty.
-    ?assertEqual({<<>>, <<>>, <<>>}, {maps:get(certfile, Opts), maps:get(keyfile, Opts),
+    %% Zero-configuration mode: the PKI files are present, undefined.
+    ?assertEqual({undefined, undefined, undefined}, {maps:get(certfile, Opts), maps:get(keyfile, Opts),
                                       maps:get(cacertfile, Opts)}),
     ?assert(is_integer(maps:get(tick_time_ms, Opts)) andalso maps:get(tick_time_ms, Opts) > 0),
     ?assert(is_integer(maps:get(handshake_timeout_ms, Opts))
@@ -364,3 +364,22 @@ listen_handle_opts_test() ->
 
 childspecs_test() ->
     ?assertEqual({ok, []}, macula_dist:childspecs()).
+
+%%% The log text of the NIF's typed errors (macula_dist_nif:format_error/1): boot
+%%% messages name the option and the file.
+
+format_error_names_option_and_file_test() ->
+    ?assertEqual("keyfile /k.pem does not match the certificate in certfile /c.pem",
+                 macula_dist_nif:format_error({tls, {key_mismatch, <<"/c.pem">>, <<"/k.pem">>}})),
+    ?assertEqual("cacertfile /ca.pem: no certificate in file",
+                 macula_dist_nif:format_error({tls, {file, cacertfile, <<"/ca.pem">>,
+                                                     <<"no certificate in file">>}})),
+    ?assertEqual("cannot bind udp [::1]:4433: address already in use",
+                 macula_dist_nif:format_error({bind, {{0, 0, 0, 0, 0, 0, 0, 1}, 4433}, eaddrinuse})),
+    ?assertEqual("port unreachable from 127.0.0.1:4433",
+                 macula_dist_nif:format_error({unreachable, {port, {{127, 0, 0, 1}, 4433}}})),
+    ?assertEqual("dropped: too many unauthenticated connections",
+                 macula_dist_nif:format_error(overloaded)),
+    %% Anything else (a configuration error) is printed as a term, on one line.
+    ?assertEqual("{option,port,{out_of_range,0,1,65535}}",
+                 macula_dist_nif:format_error({option, port, {out_of_range, 0, 1, 65535}})).

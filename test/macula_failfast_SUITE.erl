@@ -38,13 +38,12 @@
          forged_icmp_keeps_live_link/1,
          silent_drop_below_ticktime_keeps_link/1]).
 %% Run on the nodes
--export([log/2, capture_logs/0, logs/0, counter/1, down_stamp/2]).
+-export([counter/1, down_stamp/2]).
 
 -define(P, macula_test_peer).
 -define(PORT_RANGE, {30000, 32567}).
 -define(BLOCK, 20).
 -define(DEFAULT_TICKTIME, ["-kernel", "net_ticktime", "60"]).
--define(LOG_TABLE, macula_failfast_logs).
 
 suite() ->
     [{timetrap, {seconds, 60}}].
@@ -235,14 +234,14 @@ restart_round(Config, NA, {Kind, Target, Stop}) ->
 %% at net_setuptime (2 s here).
 connect_to_closed_port_fails_fast(Config) ->
     A = ?P:start(port(Config, 1), ["-kernel", "net_setuptime", "2"]),
-    ok = ?P:call(A, ?MODULE, capture_logs, []),
+    ok = ?P:call(A, macula_hostile, capture_logs, []),
     Dead = node_name(closed_port(Config, 2)),
     {Us, Result} = ?P:call(A, timer, tc, [net_kernel, connect_node, [Dead]]),
     ct:pal("connect_node(~p) to a closed port: ~p after ~b us", [Dead, Result, Us]),
     ?assertEqual(false, Result),
     ?assert(Us =< 200000),
     timer:sleep(200),
-    Warnings = [L || L <- ?P:call(A, ?MODULE, logs, []),
+    Warnings = [L || L <- ?P:call(A, macula_hostile, logs, []),
                      string:find(L, "cannot connect to " ++ atom_to_list(Dead)) =/= nomatch],
     ct:pal("log: ~p", [Warnings]),
     ?assertMatch([_], Warnings),
@@ -461,45 +460,4 @@ tool(Name) ->
     end.
 
 must(Cmd) ->
-    Port = open_port({spawn_executable, "/bin/sh"},
-                     [{args, ["-c", Cmd]}, exit_status, stderr_to_stdout, binary, hide]),
-    case collect(Port, []) of
-        {0, Out} -> Out;
-        {Status, Out} -> ct:fail({command_failed, Cmd, Status, Out})
-    end.
-
-collect(Port, Acc) ->
-    receive
-        {Port, {data, D}} -> collect(Port, [D | Acc]);
-        {Port, {exit_status, St}} -> {St, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
-    after 30000 ->
-            catch port_close(Port),
-            {timeout, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
-    end.
-
-%%% Log capture, on a node
-
-%% @private
-capture_logs() ->
-    Parent = self(),
-    Holder = spawn(fun() ->
-                           _ = ets:new(?LOG_TABLE, [named_table, public, ordered_set]),
-                           Parent ! {self(), table},
-                           receive stop -> ok end
-                   end),
-    receive {Holder, table} -> ok end,
-    ok = logger:add_handler(macula_failfast_capture, ?MODULE, #{level => all}).
-
-%% @private
-logs() ->
-    [Text || {_, Text} <- ets:tab2list(?LOG_TABLE)].
-
-%% @private logger handler callback.
-log(#{msg := Msg}, _Config) ->
-    Text = case Msg of
-               {string, S} -> unicode:characters_to_list(S);
-               {Format, Args} when is_list(Format) -> lists:flatten(io_lib:format(Format, Args));
-               Other -> lists:flatten(io_lib:format("~tp", [Other]))
-           end,
-    ets:insert(?LOG_TABLE, {erlang:unique_integer([monotonic, positive]), Text}),
-    ok.
+    macula_tool_runner:must(Cmd).

@@ -523,25 +523,11 @@ tool(Name) ->
 
 %% Runs a shell command: {ExitStatus, Output (stdout and stderr)}.
 sh(Cmd) ->
-    Port = open_port({spawn_executable, "/bin/sh"},
-                     [{args, ["-c", Cmd]}, exit_status, stderr_to_stdout, binary, hide]),
-    sh_collect(Port, []).
-
-sh_collect(Port, Acc) ->
-    receive
-        {Port, {data, D}} -> sh_collect(Port, [D | Acc]);
-        {Port, {exit_status, St}} -> {St, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
-    after 30000 ->
-            catch port_close(Port),
-            {timeout, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
-    end.
+    macula_tool_runner:sh(Cmd).
 
 %% Runs a command that must succeed; its output, or the case fails with it.
 must(Cmd) ->
-    case sh(Cmd) of
-        {0, Out} -> Out;
-        {St, Out} -> ct:fail({command_failed, Cmd, {exit_status, St}, string:trim(Out)})
-    end.
+    macula_tool_runner:must(Cmd).
 
 %%% ------------------------------------------------------------------------------------
 %%% Nodes

@@ -5,6 +5,7 @@
 -behaviour(gen_server).
 
 -export([start/3, output/1, kill/1]).
+-export([sh/1, must/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(CALL_TIMEOUT, 10000).
@@ -29,6 +30,32 @@ output(Runner) ->
 -spec kill(pid()) -> {[binary()], status()}.
 kill(Runner) ->
     gen_server:call(Runner, kill, ?CALL_TIMEOUT).
+
+%% @doc Runs a shell command to its end (at most 30 s): its exit status (or `timeout')
+%% and everything it printed.
+-spec sh(string()) -> {integer() | timeout, string()}.
+sh(Cmd) ->
+    Port = open_port({spawn_executable, "/bin/sh"},
+                     [{args, ["-c", Cmd]}, exit_status, stderr_to_stdout, binary, hide]),
+    sh_collect(Port, []).
+
+sh_collect(Port, Acc) ->
+    receive
+        {Port, {data, D}} -> sh_collect(Port, [D | Acc]);
+        {Port, {exit_status, St}} -> {St, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
+    after 30000 ->
+            catch port_close(Port),
+            {timeout, binary_to_list(iolist_to_binary(lists:reverse(Acc)))}
+    end.
+
+%% @doc Runs a shell command that must succeed: its output, or the test case fails
+%% with the command, its status and its output.
+-spec must(string()) -> string().
+must(Cmd) ->
+    case sh(Cmd) of
+        {0, Out} -> Out;
+        {St, Out} -> ct:fail({command_failed, Cmd, {exit_status, St}, string:trim(Out)})
+    end.
 
 init({Bin, Args, Env}) ->
     try open_port({spawn_executable, Bin},

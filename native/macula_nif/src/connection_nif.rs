@@ -4,13 +4,14 @@ use std::sync::Arc;
 
 use macula_quic::auth::Role;
 use macula_quic::cert_subject;
-use macula_quic::{ConnError, Connection, Refusal, SendStatus};
+use macula_quic::{Closed, Connection, Refusal, SendStatus};
 use rustler::{Binary, Encoder, Env, LocalPid, Monitor, NifResult, Resource, ResourceArc, Term};
 
 use crate::events::{self, send, ErlangEvents};
-use crate::{atoms, outgoing, priority, runtime, terms};
+use crate::{atoms, errors, outgoing, priority, runtime, terms};
 
-/// A connection as Erlang holds it. When the monitored owner (the controller) dies, or
+/// A connection as Erlang holds it. When a monitored process (the controller, or the
+/// owner that connected) dies, or
 /// the last reference goes, the QUIC connection is closed.
 pub struct ConnResource {
     pub conn: Arc<Connection<ErlangEvents>>,
@@ -39,35 +40,24 @@ impl Drop for ConnResource {
 
 type Conn = ResourceArc<ConnResource>;
 
-fn error_term<'a>(env: Env<'a>, error: ConnError) -> Term<'a> {
-    let reason = match error {
-        ConnError::Closed => atoms::closed(),
-        ConnError::HandshakeOver => atoms::handshake_over(),
-        ConnError::Frame(_) => atoms::too_large(),
-    };
-    (atoms::error(), reason).encode(env)
+/// `{error, closed}`.
+fn closed(env: Env) -> Term {
+    errors::error(env, errors::closed(env, Closed))
 }
 
-fn ok_or_error<'a>(env: Env<'a>, result: Result<(), ConnError>) -> Term<'a> {
-    match result {
-        Ok(()) => atoms::ok().encode(env),
-        Err(e) => error_term(env, e),
-    }
-}
-
-/// Makes `owner` the controller: it is monitored (its death closes the connection) and
-/// gets `macula_writable` and `{macula_closed, Reason}`.
+/// Names the connection's controller: it is monitored (its death closes the connection)
+/// and gets `macula_writable` and `{macula_closed, Reason}`.
 #[rustler::nif]
-fn set_owner<'a>(env: Env<'a>, conn: Conn, owner: LocalPid) -> Term<'a> {
-    events::set(&conn.conn.events().owner, owner);
-    if env.monitor(&conn, &owner).is_none() {
+fn set_controller<'a>(env: Env<'a>, conn: Conn, controller: LocalPid) -> Term<'a> {
+    events::set(&conn.conn.events().controller, controller);
+    if env.monitor(&conn, &controller).is_none() {
         conn.conn.close();
-        return error_term(env, ConnError::Closed);
+        return closed(env);
     }
     if let (Some(reason), Some(runtime)) = (conn.conn.close_reason().cloned(), runtime::get()) {
-        // Closed before it had an owner: tell the new one (from a tokio thread).
+        // Closed before it had a controller: tell this one (from a tokio thread).
         runtime.spawn(async move {
-            send(&owner, |env| (atoms::macula_closed(), terms::close_reason(env, &reason)).encode(env));
+            send(&controller, |env| (atoms::macula_closed(), terms::close_reason(env, &reason)).encode(env));
         });
     }
     atoms::ok().encode(env)
@@ -77,7 +67,10 @@ fn set_owner<'a>(env: Env<'a>, conn: Conn, owner: LocalPid) -> Term<'a> {
 #[rustler::nif]
 fn send_handshake<'a>(env: Env<'a>, conn: Conn, message: Term<'a>) -> NifResult<Term<'a>> {
     let message = Binary::from_iolist(message)?;
-    Ok(ok_or_error(env, conn.conn.send_handshake(&message)))
+    Ok(match conn.conn.send_handshake(&message) {
+        Ok(()) => atoms::ok().encode(env),
+        Err(e) => errors::error(env, errors::handshake_send(env, e)),
+    })
 }
 
 /// The next handshake message: `{ok, Binary}` if it has arrived, else `wait` and it
@@ -88,7 +81,7 @@ fn recv_handshake(env: Env, conn: Conn) -> Term {
     match conn.conn.take_handshake_frame() {
         Ok(Some(frame)) => (atoms::ok(), terms::bytes(env, &frame)).encode(env),
         Ok(None) => atoms::wait().encode(env),
-        Err(e) => error_term(env, e),
+        Err(Closed) => closed(env),
     }
 }
 
@@ -96,7 +89,10 @@ fn recv_handshake(env: Env, conn: Conn) -> Term {
 #[rustler::nif]
 fn activate(env: Env, conn: Conn, input: LocalPid) -> Term {
     events::set(&conn.conn.events().input, input);
-    ok_or_error(env, conn.conn.activate())
+    match conn.conn.activate() {
+        Ok(()) => atoms::ok().encode(env),
+        Err(Closed) => closed(env),
+    }
 }
 
 /// The input handler has put one `{macula_data, Credit, Packets}` message's packets into
@@ -112,7 +108,7 @@ fn ack_data(conn: Conn, credit: Term) -> NifResult<rustler::Atom> {
 /// `macula_writable`.
 #[rustler::nif]
 fn send_data<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<'a>> {
-    let mut packets = outgoing::packets(&mut conn.conn.encoder(), packets)?;
+    let Ok(mut packets) = outgoing::packets(&mut conn.conn.encoder(), packets)? else { return Ok(too_large(env)) };
     priority::apply(&mut packets);
     Ok(send_status(env, conn.conn.send_data(packets)))
 }
@@ -121,17 +117,22 @@ fn send_data<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<
 /// packets injected through the controller's `{send, ...}` hook).
 #[rustler::nif]
 fn send_unrouted<'a>(env: Env<'a>, conn: Conn, packets: Term<'a>) -> NifResult<Term<'a>> {
-    let mut packets = outgoing::packets(&mut conn.conn.encoder(), packets)?;
+    let Ok(mut packets) = outgoing::packets(&mut conn.conn.encoder(), packets)? else { return Ok(too_large(env)) };
     packets.iter_mut().for_each(|p| p.pin_to_fixed_stream());
     Ok(send_status(env, conn.conn.send_data(packets)))
 }
 
-fn send_status<'a>(env: Env<'a>, status: Result<SendStatus, ConnError>) -> Term<'a> {
+fn send_status<'a>(env: Env<'a>, status: Result<SendStatus, Closed>) -> Term<'a> {
     match status {
         Ok(SendStatus::Ready) => atoms::ok().encode(env),
         Ok(SendStatus::Busy) => atoms::busy().encode(env),
-        Err(e) => error_term(env, e),
+        Err(Closed) => closed(env),
     }
+}
+
+/// `{error, too_large}`: a packet longer than a frame header can announce (4 GiB).
+fn too_large(env: Env) -> Term {
+    errors::error(env, atoms::too_large().encode(env))
 }
 
 /// The role atom of a cookie proof.
@@ -156,7 +157,7 @@ fn auth_proof<'a>(
 ) -> NifResult<Term<'a>> {
     Ok(match conn.conn.prove(&cookie, role(role_atom)?, &node_name) {
         Ok(proof) => (atoms::ok(), terms::bytes(env, &proof)).encode(env),
-        Err(e) => error_term(env, e),
+        Err(Closed) => closed(env),
     })
 }
 
@@ -172,7 +173,7 @@ fn auth_verify<'a>(
 ) -> NifResult<Term<'a>> {
     Ok(match conn.conn.verify_peer(&cookie, role(role_atom)?, &node_name, &proof) {
         Ok(valid) => valid.encode(env),
-        Err(e) => error_term(env, e),
+        Err(Closed) => closed(env),
     })
 }
 

@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use macula_quic::node_name::{Host, NodeAddress};
-use macula_quic::tls::{self, PeerNameError};
-use macula_quic::{BindError, Connection, Endpoint};
+use macula_quic::tls;
+use macula_quic::{Connection, Endpoint};
 use rustler::{Encoder, Env, LocalPid, NifResult, Resource, ResourceArc, Term};
 
 use crate::connection_nif::ConnResource;
 use crate::events::{send, ErlangEvents};
 use crate::terms::{self, EndpointOptions};
-use crate::{atoms, runtime, shutdown};
+use crate::{atoms, errors, runtime, shutdown};
 
 /// A bound endpoint, held by `macula_dist` as its listen handle.
 pub struct EndpointResource {
@@ -32,7 +32,7 @@ impl Resource for EndpointResource {}
 const CLOSE_DRAIN: Duration = Duration::from_millis(100);
 
 /// Binds the node's UDP endpoint on a runtime thread; the caller gets
-/// `{macula_listen, {ok, Endpoint} | {error, {Kind, Message}}}`. (Binding runs off the
+/// `{macula_listen, {ok, Endpoint} | {error, Reason}}` (`errors::bind`). (Binding runs off the
 /// scheduler thread because quinn seeds a thread-local RNG there, and the VM's exit
 /// path cannot destroy thread-locals of a library on its own threads safely.)
 #[rustler::nif]
@@ -40,10 +40,10 @@ fn start_listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOpti
     let addr = SocketAddr::new(terms::decode_ip(ip)?, port);
     let runtime = match runtime::get_or_start(options.runtime_workers) {
         Ok(runtime) => runtime,
-        Err(e) => return Ok(terms::error(env, atoms::bind(), &format!("cannot start runtime: {e}"))),
+        Err(e) => return Ok(errors::error(env, (atoms::runtime(), errors::posix(env, &e)).encode(env))),
     };
     let caller = env.pid();
-    let settings = options.settings()?;
+    let settings = options.settings;
     runtime.spawn(async move {
         let result = Endpoint::bind(addr, settings);
         send(&caller, |env| {
@@ -54,8 +54,7 @@ fn start_listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOpti
                     let resource = ResourceArc::new(EndpointResource { endpoint, accepting: AtomicBool::new(false) });
                     (atoms::ok(), resource).encode(env)
                 }
-                Err(BindError::Tls(e)) => terms::error(env, atoms::tls(), &e.to_string()),
-                Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
+                Err(e) => errors::error(env, errors::bind(env, &e)),
             };
             (atoms::macula_listen(), reply).encode(env)
         });
@@ -63,23 +62,24 @@ fn start_listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOpti
     Ok(atoms::ok().encode(env))
 }
 
-/// The bound `{Ip, Port}`.
+/// `{ok, {Ip, Port}}`, the bound address, or `{error, Posix}`.
 #[rustler::nif]
 fn endpoint_address<'a>(env: Env<'a>, endpoint: ResourceArc<EndpointResource>) -> Term<'a> {
     match endpoint.endpoint.local_addr() {
         Ok(addr) => (atoms::ok(), terms::encode_addr(env, addr)).encode(env),
-        Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
+        Err(e) => errors::error(env, errors::posix(env, &e)),
     }
 }
 
 /// Starts accepting. `acceptor` gets `{macula_incoming, Conn, PeerAddr}` for each
 /// connection whose QUIC handshake completed, and `{macula_refused, PeerAddr, Why}` for
-/// each one that did not. Only the first call starts the loop.
+/// each one that did not (`Why` as `errors::accept` makes it). Only the first call
+/// starts the loop; `{error, not_listening}` when no endpoint was ever opened.
 #[rustler::nif]
-fn accept(endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> NifResult<rustler::Atom> {
-    let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
+fn accept(env: Env, endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> Term {
+    let Some(runtime) = runtime::get() else { return not_listening(env) };
     if endpoint.accepting.swap(true, Ordering::AcqRel) {
-        return Ok(atoms::ok());
+        return atoms::ok().encode(env);
     }
     let endpoint = endpoint.endpoint.clone();
     runtime.spawn(async move {
@@ -92,26 +92,25 @@ fn accept(endpoint: ResourceArc<EndpointResource>, acceptor: LocalPid) -> NifRes
         };
         let on_refused = move |peer: SocketAddr, why: macula_quic::AcceptError| {
             send(&acceptor, |env| {
-                (atoms::macula_refused(), terms::encode_addr(env, peer), terms::text(env, &why.to_string())).encode(env)
+                (atoms::macula_refused(), terms::encode_addr(env, peer), errors::accept(env, &why)).encode(env)
             });
         };
         endpoint.accept_loop(on_connection, on_refused).await;
     });
-    Ok(atoms::ok())
+    atoms::ok().encode(env)
+}
+
+fn not_listening(env: Env) -> Term {
+    errors::error(env, atoms::not_listening().encode(env))
 }
 
 /// Connects to `Port@Host` in the background. The caller gets `{macula_connect,
-/// {ok, Conn}}` or `{macula_connect, {error, {Kind, Message}}}`; `owner` (the
-/// controller) is monitored and gets the connection's events.
+/// {ok, Conn}}` or `{macula_connect, {error, Reason}}` (`errors::connect`); `owner` (the
+/// process that runs the handshake) is monitored and gets the connection's events until
+/// `set_controller` names the controller.
 #[rustler::nif]
-fn connect(
-    env: Env,
-    endpoint: ResourceArc<EndpointResource>,
-    host: String,
-    port: u16,
-    owner: LocalPid,
-) -> NifResult<rustler::Atom> {
-    let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
+fn connect(env: Env, endpoint: ResourceArc<EndpointResource>, host: String, port: u16, owner: LocalPid) -> Term {
+    let Some(runtime) = runtime::get() else { return not_listening(env) };
     let caller = env.pid();
     let endpoint = endpoint.endpoint.clone();
     runtime.spawn(async move {
@@ -120,33 +119,30 @@ fn connect(
         };
         let address = match Host::parse(&host) {
             Ok(host) => NodeAddress { port, host },
-            Err(e) => return reply(&|env| terms::error(env, atoms::resolve(), &e.to_string())),
+            Err(e) => return reply(&|env| errors::error(env, errors::bad_host(env, &host, &e))),
         };
         let addr = match address.resolve().await {
             Ok(addr) => addr,
-            Err(e) => return reply(&|env| terms::error(env, atoms::resolve(), &e.to_string())),
+            Err(e) => return reply(&|env| errors::error(env, errors::resolve(env, &host, &e))),
         };
         match endpoint.connect(addr).await {
             Ok(established) => {
-                let conn =
-                    Connection::start(established, true, ErlangEvents::with_owner(owner), endpoint.settings().clone());
+                let conn = Connection::start(
+                    established,
+                    true,
+                    ErlangEvents::reporting_to(owner),
+                    endpoint.settings().clone(),
+                );
                 let resource = ResourceArc::new(ConnResource::new(conn));
                 if resource.monitor(None, &owner).is_none() {
                     resource.conn.close();
                 }
                 reply(&|env| (atoms::ok(), resource.clone()).encode(env));
             }
-            Err(e) => {
-                let kind = match e {
-                    _ if e.is_tls_refusal() => atoms::tls(),
-                    macula_quic::ConnectError::Unreachable(_) => atoms::unreachable(),
-                    _ => atoms::connect(),
-                };
-                reply(&|env| terms::error(env, kind, &e.to_string()))
-            }
+            Err(e) => reply(&|env| errors::error(env, errors::connect(env, &e))),
         }
     });
-    Ok(atoms::ok())
+    atoms::ok().encode(env)
 }
 
 /// Closes every connection and the socket; the caller gets `macula_endpoint_closed` once
@@ -167,16 +163,17 @@ fn close_endpoint(env: Env, endpoint: ResourceArc<EndpointResource>) -> rustler:
 
 /// Moves the endpoint to a new local UDP address (connection migration). The socket is
 /// bound on a runtime thread, not the caller's scheduler; the caller gets
-/// `{macula_rebind, ok | {error, {bind, Message}}}`.
+/// `{macula_rebind, ok | {error, {bind, {Ip, Port}, Posix}}}`; `{error, not_listening}`
+/// at once when no endpoint was ever opened.
 #[rustler::nif]
 fn start_rebind<'a>(
     env: Env<'a>,
     endpoint: ResourceArc<EndpointResource>,
     ip: Term<'a>,
     port: u16,
-) -> NifResult<rustler::Atom> {
+) -> NifResult<Term<'a>> {
     let addr = SocketAddr::new(terms::decode_ip(ip)?, port);
-    let Some(runtime) = runtime::get() else { return Err(rustler::Error::BadArg) };
+    let Some(runtime) = runtime::get() else { return Ok(not_listening(env)) };
     let caller = env.pid();
     let endpoint = endpoint.endpoint.clone();
     runtime.spawn(async move {
@@ -184,24 +181,23 @@ fn start_rebind<'a>(
         send(&caller, |env| {
             let reply = match &result {
                 Ok(()) => atoms::ok().encode(env),
-                Err(e) => terms::error(env, atoms::bind(), &e.to_string()),
+                Err(e) => errors::error(env, errors::socket(env, e)),
             };
             (atoms::macula_rebind(), reply).encode(env)
         });
     });
-    Ok(atoms::ok())
+    Ok(atoms::ok().encode(env))
 }
 
 /// Whether the certificate the peer of `conn` presented in the TLS handshake covers
 /// `host` (an IP SAN for an IP literal, a DNS SAN for a host name): `true | false |
-/// {error, no_peer_certificate} | {error, {tls, Message}}`. In PKI mode that certificate
+/// {error, no_peer_certificate | {bad_peer_certificate, Why}}`. In PKI mode that certificate
 /// has been verified against the CA already; this binds it to the peer's node name
 /// (the `verify_name` option, checked by `macula_dist_auth`).
 #[rustler::nif]
 fn peer_cert_covers<'a>(env: Env<'a>, conn: ResourceArc<ConnResource>, host: String) -> Term<'a> {
     match tls::peer_covers_host(conn.conn.quic(), &host) {
         Ok(covered) => covered.encode(env),
-        Err(PeerNameError::NoCertificate) => (atoms::error(), atoms::no_peer_certificate()).encode(env),
-        Err(e) => terms::error(env, atoms::tls(), &e.to_string()),
+        Err(e) => errors::error(env, errors::peer_name(env, &e)),
     }
 }

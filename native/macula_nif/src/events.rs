@@ -14,7 +14,7 @@ thread_local! {
     static MESSAGE_ENV: RefCell<OwnedEnv> = RefCell::new(OwnedEnv::new());
 }
 
-/// Sends the term `build` makes to `pid` (a dead pid is not an error: its owner is gone).
+/// Sends the term `build` makes to `pid` (a dead pid is not an error: nobody is listening).
 pub fn send<F>(pid: &LocalPid, build: F)
 where
     F: for<'a> FnOnce(Env<'a>) -> Term<'a>,
@@ -45,8 +45,10 @@ impl PacketBuf for ErlangBinary {
 /// The processes a connection reports to.
 #[derive(Default)]
 pub struct ErlangEvents {
-    /// The controller: gets `macula_writable` and `{macula_closed, Reason}`.
-    pub owner: Mutex<Option<LocalPid>>,
+    /// The controller: gets `macula_writable` and `{macula_closed, Reason}`. On the
+    /// connecting side this is the owner that called `connect` until `set_controller`
+    /// names the controller.
+    pub controller: Mutex<Option<LocalPid>>,
     /// The process waiting in `f_recv` for the next handshake message.
     pub handshake_reader: Mutex<Option<LocalPid>>,
     /// The input handler: gets `{macula_data, [Packet]}`.
@@ -54,8 +56,9 @@ pub struct ErlangEvents {
 }
 
 impl ErlangEvents {
-    pub fn with_owner(owner: LocalPid) -> Self {
-        ErlangEvents { owner: Mutex::new(Some(owner)), ..Default::default() }
+    /// Events that go to `pid` until `set_controller` names the controller.
+    pub fn reporting_to(pid: LocalPid) -> Self {
+        ErlangEvents { controller: Mutex::new(Some(pid)), ..Default::default() }
     }
 }
 
@@ -88,13 +91,13 @@ impl Events for ErlangEvents {
     }
 
     fn writable(&self) {
-        if let Some(pid) = get(&self.owner) {
+        if let Some(pid) = get(&self.controller) {
             send(&pid, |env| atoms::macula_writable().encode(env));
         }
     }
 
     fn closed(&self, reason: &CloseReason) {
-        if let Some(pid) = get(&self.owner) {
+        if let Some(pid) = get(&self.controller) {
             send(&pid, |env| (atoms::macula_closed(), terms::close_reason(env, reason)).encode(env));
         }
     }

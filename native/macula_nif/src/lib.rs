@@ -6,6 +6,7 @@
 mod atoms;
 mod connection_nif;
 mod endpoint_nif;
+mod errors;
 mod events;
 mod outgoing;
 mod priority;

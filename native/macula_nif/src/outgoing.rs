@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use macula_quic::frame::{DataEncoder, OutgoingPacket};
+use macula_quic::frame::{DataEncoder, FrameError, OutgoingPacket};
 use rustler::{Binary, NifResult, OwnedEnv, Term};
 
 /// Pieces at least this large are borrowed rather than copied.
@@ -56,14 +56,17 @@ struct Piece<'a> {
 }
 
 /// Turns `list` (a list of iodata, one element per distribution packet) into packets
-/// framed by the core's encoder.
-pub fn packets(encoder: &mut DataEncoder, list: Term) -> NifResult<Vec<OutgoingPacket>> {
+/// framed by the core's encoder; the inner error is a packet too large to frame.
+pub fn packets(encoder: &mut DataEncoder, list: Term) -> NifResult<Result<Vec<OutgoingPacket>, FrameError>> {
     let mut pin: Option<Arc<Pinned>> = None;
     let mut out = Vec::new();
     for packet in list.decode::<rustler::ListIterator>()? {
         let pieces = pieces(packet)?;
         let len: usize = pieces.iter().map(|p| p.bytes.len()).sum();
-        let mut framed = encoder.packet(len).map_err(|_| rustler::Error::BadArg)?;
+        let mut framed = match encoder.packet(len) {
+            Ok(framed) => framed,
+            Err(e) => return Ok(Err(e)),
+        };
         for piece in pieces {
             if piece.borrowable && piece.bytes.len() >= BORROW_THRESHOLD {
                 let pin = pin.get_or_insert_with(|| pin_term(list)).clone();
@@ -76,9 +79,10 @@ pub fn packets(encoder: &mut DataEncoder, list: Term) -> NifResult<Vec<OutgoingP
                 framed.copy(piece.bytes);
             }
         }
+        // Only a length mismatch, which the sum above rules out.
         out.push(framed.finish().map_err(|_| rustler::Error::BadArg)?);
     }
-    Ok(out)
+    Ok(Ok(out))
 }
 
 fn pin_term(term: Term) -> Arc<Pinned> {

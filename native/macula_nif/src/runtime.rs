@@ -1,5 +1,6 @@
 //! The one tokio runtime of the library, shared by every endpoint.
 
+use std::num::NonZeroUsize;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -11,13 +12,13 @@ static HANDLE: OnceLock<Handle> = OnceLock::new();
 
 /// The runtime, started on first use with `workers` threads (later values are ignored:
 /// a node has one runtime for its lifetime).
-pub fn get_or_start(workers: usize) -> std::io::Result<&'static Handle> {
+pub fn get_or_start(workers: NonZeroUsize) -> std::io::Result<&'static Handle> {
     let mut runtime = RUNTIME.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(handle) = HANDLE.get() {
         return Ok(handle);
     }
     let started = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
+        .worker_threads(workers.get())
         .thread_name("macula-quic")
         .enable_all()
         .build()?;

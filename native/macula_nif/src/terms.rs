@@ -1,14 +1,16 @@
 //! Conversions between Erlang terms and the Rust types of `macula_quic`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::{NonZeroU8, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use macula_quic::reset_key::RestartIdentity;
 use macula_quic::routing::Class;
 use macula_quic::settings::Congestion;
 use macula_quic::tls::PkiFiles;
 use macula_quic::{CloseReason, Credit, Settings};
-use rustler::{Binary, Encoder, Env, Error, NifMap, NifResult, Term};
+use rustler::{Binary, Decoder, Encoder, Env, Error, NifResult, Term};
 
 use crate::atoms;
 
@@ -56,11 +58,6 @@ pub fn text<'a>(env: Env<'a>, text: &str) -> Term<'a> {
     bytes(env, text.as_bytes())
 }
 
-/// `{error, {Kind, Message}}`.
-pub fn error<'a>(env: Env<'a>, kind: rustler::Atom, message: &str) -> Term<'a> {
-    (atoms::error(), (kind, text(env, message))).encode(env)
-}
-
 /// The exit reason the Erlang controller takes for `reason`; it becomes the nodedown reason.
 pub fn close_reason<'a>(env: Env<'a>, reason: &CloseReason) -> Term<'a> {
     match reason {
@@ -97,75 +94,82 @@ pub fn decode_credit(term: Term) -> NifResult<Credit> {
     Ok(Credit { class, bytes })
 }
 
-/// Endpoint options as `macula_dist_config:nif_options/1` builds them (all keys present).
-#[derive(NifMap)]
+/// What `listen` takes, decoded once from the map `macula_dist_config:nif_options/1`
+/// builds out of its option table (every key present, every value already checked).
 pub struct EndpointOptions {
-    pub tick_time_ms: u64,
-    pub handshake_timeout_ms: u64,
-    pub stream_window: u64,
-    pub send_window: u64,
-    pub send_queue_limit: usize,
-    pub data_streams: usize,
-    pub max_packet: usize,
-    pub max_udp_payload: u16,
-    pub delivery_window: usize,
-    pub max_pending_handshakes: usize,
-    pub runtime_workers: usize,
-    pub congestion: rustler::Atom,
-    /// PKI files as binaries; all three empty in zero-configuration mode (the Erlang
-    /// side has checked that either all or none are given).
-    pub certfile: String,
-    pub keyfile: String,
-    pub cacertfile: String,
-    pub liveness_interval_ms: u64,
-    /// This node's name and cookie, from which the stateless-reset key is derived; an
-    /// empty cookie (a client-only node, `-nocookie`) gives a random key.
-    pub node_name: String,
-    pub cookie: String,
+    pub settings: Settings,
+    /// Threads of the node's one runtime (started by the first `listen`).
+    pub runtime_workers: NonZeroUsize,
 }
 
-impl EndpointOptions {
-    pub fn settings(&self) -> NifResult<Settings> {
-        Ok(Settings {
-            tick_time: Duration::from_millis(self.tick_time_ms),
-            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
-            stream_window: self.stream_window,
-            send_window: self.send_window,
-            send_queue_limit: self.send_queue_limit,
-            data_streams: self.data_streams,
-            max_packet: self.max_packet,
-            max_udp_payload: self.max_udp_payload,
-            delivery_window: self.delivery_window,
-            max_pending_handshakes: self.max_pending_handshakes,
-            congestion: self.congestion()?,
-            pki: self.pki(),
-            liveness_interval: Duration::from_millis(self.liveness_interval_ms),
-            restart_identity: (!self.cookie.is_empty())
-                .then(|| macula_quic::reset_key::derive(self.node_name.as_bytes(), self.cookie.as_bytes())),
-        })
+impl<'a> Decoder<'a> for EndpointOptions {
+    fn decode(map: Term<'a>) -> NifResult<Self> {
+        let settings = Settings {
+            tick_time: millis(map, atoms::tick_time_ms())?,
+            handshake_timeout: millis(map, atoms::handshake_timeout_ms())?,
+            stream_window: get(map, atoms::stream_window())?,
+            send_window: get(map, atoms::send_window())?,
+            send_queue_limit: get(map, atoms::send_queue_limit())?,
+            data_streams: NonZeroU8::new(get(map, atoms::data_streams())?).ok_or(Error::BadArg)?,
+            max_packet: get(map, atoms::max_packet())?,
+            max_udp_payload: get(map, atoms::max_udp_payload())?,
+            delivery_window: non_zero(map, atoms::delivery_window())?,
+            max_pending_handshakes: non_zero(map, atoms::max_pending_handshakes())?,
+            congestion: congestion(map.map_get(atoms::congestion())?)?,
+            pki: pki(map)?,
+            liveness_interval: millis(map, atoms::liveness_interval())?,
+            restart_identity: restart_identity(map)?,
+        };
+        Ok(EndpointOptions { settings, runtime_workers: non_zero(map, atoms::runtime_workers())? })
     }
+}
 
-    fn congestion(&self) -> NifResult<Congestion> {
-        let c = self.congestion;
-        if c == atoms::bbr() {
-            Ok(Congestion::Bbr)
-        } else if c == atoms::cubic() {
-            Ok(Congestion::Cubic)
-        } else if c == atoms::new_reno() {
-            Ok(Congestion::NewReno)
-        } else {
-            Err(Error::BadArg)
-        }
-    }
+fn get<'a, T: Decoder<'a>>(map: Term<'a>, key: rustler::Atom) -> NifResult<T> {
+    map.map_get(key)?.decode()
+}
 
-    fn pki(&self) -> Option<PkiFiles> {
-        if self.certfile.is_empty() && self.keyfile.is_empty() && self.cacertfile.is_empty() {
-            return None;
-        }
-        Some(PkiFiles {
-            certfile: PathBuf::from(&self.certfile),
-            keyfile: PathBuf::from(&self.keyfile),
-            cacertfile: PathBuf::from(&self.cacertfile),
-        })
+fn non_zero(map: Term, key: rustler::Atom) -> NifResult<NonZeroUsize> {
+    NonZeroUsize::new(get(map, key)?).ok_or(Error::BadArg)
+}
+
+fn millis(map: Term, key: rustler::Atom) -> NifResult<Duration> {
+    Ok(Duration::from_millis(get(map, key)?))
+}
+
+fn congestion(term: Term) -> NifResult<Congestion> {
+    let c: rustler::Atom = term.decode()?;
+    if c == atoms::bbr() {
+        Ok(Congestion::Bbr)
+    } else if c == atoms::cubic() {
+        Ok(Congestion::Cubic)
+    } else if c == atoms::new_reno() {
+        Ok(Congestion::NewReno)
+    } else {
+        Err(Error::BadArg)
     }
+}
+
+/// PKI mode with the three files (binaries), zero-configuration mode when they are
+/// `undefined` (the Erlang side has checked that either all or none are given).
+fn pki(map: Term) -> NifResult<Option<PkiFiles>> {
+    let file = |key| -> NifResult<Option<PathBuf>> {
+        let term = map.map_get(key)?;
+        if term == atoms::undefined().to_term(map.get_env()) {
+            return Ok(None);
+        }
+        Ok(Some(PathBuf::from(term.decode::<String>()?)))
+    };
+    match (file(atoms::certfile())?, file(atoms::keyfile())?, file(atoms::cacertfile())?) {
+        (Some(certfile), Some(keyfile), Some(cacertfile)) => Ok(Some(PkiFiles { certfile, keyfile, cacertfile })),
+        (None, None, None) => Ok(None),
+        _ => Err(Error::BadArg),
+    }
+}
+
+/// The stateless-reset identity derived from this node's name and cookie; an empty
+/// cookie (a client-only node, `-nocookie`) gives random keys instead.
+fn restart_identity(map: Term) -> NifResult<Option<RestartIdentity>> {
+    let name: Binary = get(map, atoms::node_name())?;
+    let cookie: Binary = get(map, atoms::cookie())?;
+    Ok((!cookie.is_empty()).then(|| macula_quic::reset_key::derive(name.as_slice(), cookie.as_slice())))
 }

@@ -6,6 +6,7 @@
 //! connections that never authenticate cannot lock out a node that does.
 
 use std::collections::VecDeque;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -59,8 +60,8 @@ pub(crate) struct Probation {
 }
 
 impl Probation {
-    pub(crate) fn new(limit: usize) -> Self {
-        Probation { limit: limit.max(1), next_id: AtomicU64::new(0), queue: Mutex::new(VecDeque::new()) }
+    pub(crate) fn new(limit: NonZeroUsize) -> Self {
+        Probation { limit: limit.get(), next_id: AtomicU64::new(0), queue: Mutex::new(VecDeque::new()) }
     }
 
     /// Registers a new connection, evicting the oldest if the limit is reached. The

@@ -55,7 +55,7 @@ const MAX_REFUSAL_PHRASE: usize = 200;
 pub trait Events: Send + Sync + 'static {
     /// Buffer type decoded data packets are assembled in.
     type Packet: PacketBuf + Send + 'static;
-    /// A handshake message for an owner that found none waiting in
+    /// A handshake message for a reader that found none waiting in
     /// [`Connection::take_handshake_frame`].
     fn handshake_frame(&self, frame: Vec<u8>);
     /// Complete distribution packets of one stream, in arrival order, holding `credit`
@@ -106,15 +106,20 @@ impl CloseReason {
     }
 }
 
-/// Errors of the operations the Erlang side invokes.
+/// The connection is closed (or closing): the one way most operations fail.
+#[derive(Debug, Error, PartialEq, Eq, Clone, Copy)]
+#[error("connection closed")]
+pub struct Closed;
+
+/// Why [`Connection::send_handshake`] failed.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum ConnError {
-    #[error("connection closed")]
-    Closed,
+pub enum HandshakeSendError {
+    #[error(transparent)]
+    Closed(#[from] Closed),
     #[error("handshake is over")]
     HandshakeOver,
     #[error(transparent)]
-    Frame(#[from] frame::FrameError),
+    TooLarge(#[from] frame::FrameError),
 }
 
 /// Counters for `dist_util`'s tick supervision (`mf_getstat`).
@@ -219,10 +224,10 @@ impl<E: Events> Connection<E> {
     }
 
     /// Queues one handshake message; it is framed and sent on the control stream.
-    pub fn send_handshake(&self, message: &[u8]) -> Result<(), ConnError> {
+    pub fn send_handshake(&self, message: &[u8]) -> Result<(), HandshakeSendError> {
         self.check_open()?;
         if self.activated.load(Ordering::Acquire) {
-            return Err(ConnError::HandshakeOver);
+            return Err(HandshakeSendError::HandshakeOver);
         }
         let frame = frame::control_frame(message)?;
         lock(&self.control_out.frames).push_back(frame);
@@ -233,7 +238,7 @@ impl<E: Events> Connection<E> {
     /// The next handshake message, if one has arrived; otherwise the next one to arrive
     /// is delivered through [`Events::handshake_frame`]. Taking a waiting message here,
     /// in the caller's thread, saves a message hop per handshake step.
-    pub fn take_handshake_frame(&self) -> Result<Option<Vec<u8>>, ConnError> {
+    pub fn take_handshake_frame(&self) -> Result<Option<Vec<u8>>, Closed> {
         let mut inbox = lock(&self.handshake_in);
         if let Some(frame) = inbox.frames.pop_front() {
             // Even after the connection closed: a peer's last words (a `nok` status
@@ -250,11 +255,11 @@ impl<E: Events> Connection<E> {
     /// Ends the handshake phase: data stream reading starts (with `delivery_window`
     /// bytes of delivery credit), and non-empty control frames become protocol
     /// violations.
-    pub fn activate(&self) -> Result<(), ConnError> {
+    pub fn activate(&self) -> Result<(), Closed> {
         self.check_open()?;
         if !lock(&self.handshake_in).frames.is_empty() {
             self.violation("handshake message after the handshake".into());
-            return Err(ConnError::Closed);
+            return Err(Closed);
         }
         if !self.activated.swap(true, Ordering::AcqRel) {
             self.delivery.open();
@@ -278,7 +283,7 @@ impl<E: Events> Connection<E> {
     }
 
     /// Queues framed packets on their data streams. Never blocks.
-    pub fn send_data(&self, packets: Vec<OutgoingPacket>) -> Result<SendStatus, ConnError> {
+    pub fn send_data(&self, packets: Vec<OutgoingPacket>) -> Result<SendStatus, Closed> {
         self.check_open()?;
         self.sent.fetch_add(packets.len() as u64, Ordering::Relaxed);
         Ok(self.data_out.push(packets))
@@ -294,13 +299,13 @@ impl<E: Events> Connection<E> {
     }
 
     /// This side's cookie proof for this TLS session (see [`crate::auth`]).
-    pub fn prove(&self, cookie: &[u8], role: Role, node_name: &[u8]) -> Result<[u8; PROOF_LEN], ConnError> {
+    pub fn prove(&self, cookie: &[u8], role: Role, node_name: &[u8]) -> Result<[u8; PROOF_LEN], Closed> {
         Ok(auth::proof(&self.exporter()?, cookie, role, node_name))
     }
 
     /// Checks the peer's cookie proof; when it holds, the peer is authenticated and its
     /// connection leaves probation.
-    pub fn verify_peer(&self, cookie: &[u8], role: Role, node_name: &[u8], proof: &[u8]) -> Result<bool, ConnError> {
+    pub fn verify_peer(&self, cookie: &[u8], role: Role, node_name: &[u8], proof: &[u8]) -> Result<bool, Closed> {
         let valid = auth::verify(&self.exporter()?, cookie, role, node_name, proof);
         if valid {
             self.gate.open();
@@ -322,9 +327,9 @@ impl<E: Events> Connection<E> {
         self.close_with(CloseReason::NotAuthenticated(why.into()), code, &why.as_bytes()[..end]);
     }
 
-    fn exporter(&self) -> Result<[u8; PROOF_LEN], ConnError> {
+    fn exporter(&self) -> Result<[u8; PROOF_LEN], Closed> {
         let mut exporter = [0; PROOF_LEN];
-        self.quic.export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"").map_err(|_| ConnError::Closed)?;
+        self.quic.export_keying_material(&mut exporter, auth::EXPORTER_LABEL, b"").map_err(|_| Closed)?;
         Ok(exporter)
     }
 
@@ -366,7 +371,7 @@ impl<E: Events> Connection<E> {
         self.close_with(CloseReason::Local, close_code::SHUTDOWN, b"shutdown");
     }
 
-    /// Closes the connection, recording `reason` as what the owner is told.
+    /// Closes the connection, recording `reason` as what [`Events::closed`] reports.
     pub fn close_with(&self, reason: CloseReason, code: u32, wire_reason: &[u8]) {
         let _ = self.close_reason.set(reason);
         self.quic.close(VarInt::from_u32(code), wire_reason);
@@ -392,9 +397,9 @@ impl<E: Events> Connection<E> {
         self.quic.remote_address()
     }
 
-    fn check_open(&self) -> Result<(), ConnError> {
+    fn check_open(&self) -> Result<(), Closed> {
         match self.close_reason.get() {
-            Some(_) => Err(ConnError::Closed),
+            Some(_) => Err(Closed),
             None => Ok(()),
         }
     }
@@ -494,7 +499,7 @@ impl<E: Events> Connection<E> {
         graceful_close::parse_end_of_data(message)
     }
 
-    /// Hands a handshake message to a waiting owner, or keeps it (at most
+    /// Hands a handshake message to a waiting reader, or keeps it (at most
     /// [`HANDSHAKE_INBOX`] of them; then the stream is not read further until one is
     /// taken). False when the connection is over.
     async fn file_handshake_frame(&self, message: Vec<u8>) -> bool {
@@ -672,14 +677,14 @@ impl<E: Events> Connection<E> {
     }
 }
 
-/// Handshake messages kept for the owner before the control stream is read no further.
+/// Handshake messages kept for the reader before the control stream is read no further.
 const HANDSHAKE_INBOX: usize = 4;
 
-/// Handshake messages that arrived before the owner asked for them.
+/// Handshake messages that arrived before the reader asked for them.
 #[derive(Default)]
 struct HandshakeInbox {
     frames: VecDeque<Vec<u8>>,
-    /// The owner asked and found nothing: the next message goes to it as an event.
+    /// The reader asked and found nothing: the next message goes to it as an event.
     waiting: bool,
 }
 

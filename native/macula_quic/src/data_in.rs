@@ -8,6 +8,8 @@
 //! senders' bulk data, so it is kept small (`delivery_window`), and the priority
 //! stream has credit of its own, and the input handler takes its batches first.
 
+use std::num::NonZeroUsize;
+
 use tokio::sync::{AcquireError, Semaphore};
 
 use crate::frame::Frame;
@@ -39,8 +41,8 @@ pub(crate) struct Delivery {
 
 impl Delivery {
     /// Pools with no credit until [`Delivery::open`].
-    pub(crate) fn new(window: usize) -> Self {
-        Delivery { normal: Semaphore::new(0), priority: Semaphore::new(0), window: window.max(1) }
+    pub(crate) fn new(window: NonZeroUsize) -> Self {
+        Delivery { normal: Semaphore::new(0), priority: Semaphore::new(0), window: window.get() }
     }
 
     /// Grants the initial credit (the handshake is over).
@@ -119,7 +121,7 @@ mod tests {
 
     #[tokio::test]
     async fn credit_is_bounded_in_bytes_and_per_class() {
-        let delivery = Delivery::new(1000);
+        let delivery = Delivery::new(NonZeroUsize::new(1000).unwrap());
         delivery.open();
         let big = delivery.acquire(Class::Normal, 5000).await.unwrap();
         assert_eq!(big.bytes, 1000, "a batch beyond the window takes the whole window");
@@ -147,7 +149,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_wakes_waiting_readers() {
-        let delivery = std::sync::Arc::new(Delivery::new(10));
+        let delivery = std::sync::Arc::new(Delivery::new(NonZeroUsize::new(10).unwrap()));
         let waiter = {
             let d = delivery.clone();
             tokio::spawn(async move { d.acquire(Class::Normal, 5).await })

@@ -13,6 +13,7 @@
 //! fall to the low watermark.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU8;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -85,7 +86,7 @@ pub(crate) struct DataOut {
 impl DataOut {
     /// Queues for `normal` normal streams (plus the priority stream when `normal` > 1),
     /// bounded by `limit` bytes.
-    pub(crate) fn new(normal: usize, limit: usize) -> Self {
+    pub(crate) fn new(normal: NonZeroU8, limit: usize) -> Self {
         let routes = Routes::new(normal);
         let streams = (0..routes.streams()).map(|_| StreamQueue::default()).collect();
         DataOut {
@@ -210,7 +211,7 @@ mod tests {
 
     #[test]
     fn senders_get_their_own_streams_and_keep_them() {
-        let out = DataOut::new(4, 1 << 20);
+        let out = DataOut::new(NonZeroU8::new(4).unwrap(), 1 << 20);
         let mut enc = DataEncoder::new(out.by_sender());
         assert_eq!(out.push(vec![packet(&mut enc, 1, 5000)]), SendStatus::Ready);
         // Sender 1's bytes sit on one stream; sender 2 is placed elsewhere.
@@ -229,12 +230,12 @@ mod tests {
 
     #[test]
     fn fixed_packets_and_single_stream_mode_use_stream_zero() {
-        let out = DataOut::new(1, 1 << 20);
+        let out = DataOut::new(NonZeroU8::new(1).unwrap(), 1 << 20);
         assert_eq!(out.stream_count(), 1);
         let mut enc = DataEncoder::new(out.by_sender());
         out.push(vec![packet(&mut enc, 1, 10), packet(&mut enc, 2, 10)]);
         assert_eq!(flat(out.take(0)), 112);
-        let multi = DataOut::new(3, 1 << 20);
+        let multi = DataOut::new(NonZeroU8::new(3).unwrap(), 1 << 20);
         let mut enc = DataEncoder::new(true);
         let mut raw = packet(&mut enc, 9, 1);
         raw.pin_to_fixed_stream();
@@ -265,7 +266,7 @@ mod tests {
 
     #[test]
     fn busy_past_the_limit_and_writable_at_the_low_watermark() {
-        let out = DataOut::new(2, 10_000);
+        let out = DataOut::new(NonZeroU8::new(2).unwrap(), 10_000);
         let mut enc = DataEncoder::new(true);
         assert_eq!(out.push(vec![packet(&mut enc, 1, 6000)]), SendStatus::Ready);
         assert_eq!(out.push(vec![packet(&mut enc, 1, 6000)]), SendStatus::Busy);

@@ -17,11 +17,19 @@ use crate::settings::Settings;
 use crate::tls::{self, TlsError};
 use crate::wire::{close_code, SERVER_NAME};
 
+/// Why a UDP socket could not be bound to `addr` (opening or rebinding an endpoint).
+#[derive(Debug, Error)]
+#[error("cannot bind udp {addr}: {source}")]
+pub struct SocketError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
 /// Why an endpoint could not be opened.
 #[derive(Debug, Error)]
 pub enum BindError {
-    #[error("cannot bind udp {addr}: {source}")]
-    Socket { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error(transparent)]
     Tls(#[from] TlsError),
 }
@@ -42,16 +50,16 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
-    /// True when the TLS handshake failed: this side did not trust the peer's
+    /// The TLS alert when the TLS handshake failed: this side did not trust the peer's
     /// certificate, or the peer did not trust ours (TLS alerts travel as QUIC
-    /// CRYPTO_ERROR codes 0x100-0x1ff).
-    pub fn is_tls_refusal(&self) -> bool {
+    /// CRYPTO_ERROR codes 0x100-0x1ff, the alert being the low byte).
+    pub fn tls_alert(&self) -> Option<u8> {
         let code = match self {
-            ConnectError::Connection(quinn::ConnectionError::TransportError(e)) => e.code,
-            ConnectError::Connection(quinn::ConnectionError::ConnectionClosed(close)) => close.error_code,
-            _ => return false,
+            ConnectError::Connection(quinn::ConnectionError::TransportError(e)) => u64::from(e.code),
+            ConnectError::Connection(quinn::ConnectionError::ConnectionClosed(close)) => u64::from(close.error_code),
+            _ => return None,
         };
-        (0x100..=0x1ff).contains(&u64::from(code))
+        code.checked_sub(0x100).and_then(|alert| u8::try_from(alert).ok())
     }
 }
 
@@ -83,7 +91,7 @@ impl Endpoint {
     /// [`BindError::Tls`]. Must run inside the tokio runtime.
     pub fn bind(addr: SocketAddr, settings: Settings) -> Result<Endpoint, BindError> {
         let (server_crypto, client_crypto) = tls::configure(settings.pki.as_ref())?;
-        let socket = bind_socket(addr).map_err(|source| BindError::Socket { addr, source })?;
+        let socket = bind_socket(addr).map_err(|source| SocketError { addr, source })?;
         let transport = settings.transport();
         let mut server = ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
@@ -100,11 +108,11 @@ impl Endpoint {
             }
             None => EndpointConfig::default(),
         };
-        config.max_udp_payload_size(settings.max_udp_payload.max(1200)).ok();
+        config.max_udp_payload_size(settings.max_udp_payload).ok();
         let (reports, _) = broadcast::channel(icmp_socket::REPORT_BACKLOG);
-        let socket = icmp_socket::wrap(socket, reports.clone()).map_err(|source| BindError::Socket { addr, source })?;
+        let socket = icmp_socket::wrap(socket, reports.clone()).map_err(|source| SocketError { addr, source })?;
         let mut quic = quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(TokioRuntime))
-            .map_err(|source| BindError::Socket { addr, source })?;
+            .map_err(|source| SocketError { addr, source })?;
         quic.set_default_client_config(client);
         Ok(Endpoint {
             probation: Arc::new(Probation::new(settings.max_pending_handshakes)),
@@ -210,8 +218,9 @@ impl Endpoint {
     }
 
     /// Moves the endpoint to a new UDP socket (connection migration).
-    pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<()> {
-        self.quic.rebind_abstract(icmp_socket::wrap(bind_socket(addr)?, self.reports.clone())?)
+    pub fn rebind(&self, addr: SocketAddr) -> Result<(), SocketError> {
+        let bind = || self.quic.rebind_abstract(icmp_socket::wrap(bind_socket(addr)?, self.reports.clone())?);
+        bind().map_err(|source| SocketError { addr, source })
     }
 }
 

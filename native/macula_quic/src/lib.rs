@@ -27,7 +27,7 @@ pub mod tls;
 pub mod wire;
 
 pub use admission::{Established, Gate};
-pub use connection::{CloseReason, ConnError, Connection, Events, Refusal, SendStatus, Stats};
+pub use connection::{CloseReason, Closed, Connection, Events, HandshakeSendError, Refusal, SendStatus, Stats};
 pub use data_in::Credit;
 pub use endpoint::{AcceptError, BindError, ConnectError, Endpoint};
 pub use settings::Settings;

@@ -17,6 +17,7 @@
 //! its order cannot break.
 
 use std::collections::HashMap;
+use std::num::NonZeroU8;
 
 /// Identifies a sending process: a hash of its pid (node name, number, serial, creation).
 pub type SenderKey = u64;
@@ -279,9 +280,9 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// Routes over `normal` normal streams (at least 1, at most 255).
-    pub fn new(normal: usize) -> Self {
-        let normal = normal.clamp(1, 255);
+    /// Routes over `normal` normal streams.
+    pub fn new(normal: NonZeroU8) -> Self {
+        let normal = usize::from(normal.get());
         Routes { normal, table: HashMap::new(), placed: vec![0; normal + 1] }
     }
 
@@ -460,7 +461,7 @@ mod tests {
 
     #[test]
     fn routes_are_sticky_and_spread_new_senders() {
-        let mut routes = Routes::new(4);
+        let mut routes = Routes::new(NonZeroU8::new(4).unwrap());
         assert_eq!(routes.streams(), 5);
         let idle = |_| 0;
         let a = routes.stream_for(Some(1), Class::Normal, idle);
@@ -480,7 +481,7 @@ mod tests {
 
     #[test]
     fn single_stream_mode_routes_everything_to_stream_zero() {
-        let mut routes = Routes::new(1);
+        let mut routes = Routes::new(NonZeroU8::new(1).unwrap());
         assert_eq!(routes.streams(), 1);
         assert_eq!(routes.priority_stream(), None);
         assert_eq!(routes.stream_for(Some(5), Class::Priority, |_| 0), 0);
@@ -488,7 +489,7 @@ mod tests {
 
     #[test]
     fn a_full_table_falls_back_to_a_stable_hash() {
-        let mut routes = Routes::new(3);
+        let mut routes = Routes::new(NonZeroU8::new(3).unwrap());
         for k in 0..ROUTE_TABLE_LIMIT as u64 {
             routes.stream_for(Some(k), Class::Normal, |_| 0);
         }

@@ -1,6 +1,7 @@
 //! Tunables of an endpoint and its connections, with their defaults and the QUIC
 //! transport configuration derived from them.
 
+use std::num::{NonZeroU8, NonZeroUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ pub enum Congestion {
     NewReno,
 }
 
-/// Every tunable, already validated by the Erlang side (`macula_dist_config`).
+/// Every tunable. A node's come from the option table of `macula_dist_config`, checked
+/// there and decoded once by the NIF; nothing here checks or clamps them again.
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// `net_ticktime` at start. Liveness is judged by `dist_util`'s ticks (which follow
@@ -41,18 +43,19 @@ pub struct Settings {
     /// Normal data streams: 1 is single-stream mode (one ordered stream, the atom cache
     /// allowed); more routes each sending process to its own stream and adds a priority
     /// stream (the Erlang side then rejects the atom cache and fragmentation).
-    pub data_streams: usize,
+    pub data_streams: NonZeroU8,
     /// Largest distribution packet accepted from a peer.
     pub max_packet: usize,
-    /// Upper bound for path MTU discovery (UDP payload bytes).
+    /// Upper bound for path MTU discovery (UDP payload bytes); at least 1200, the QUIC
+    /// minimum.
     pub max_udp_payload: u16,
     /// Bytes of data delivered to the input handler and not yet put into the VM: the
     /// longest a small message waits there behind other senders' bulk data.
-    pub delivery_window: usize,
+    pub delivery_window: NonZeroUsize,
     /// Congestion controller.
     pub congestion: Congestion,
     /// QUIC handshakes allowed to be in progress at once.
-    pub max_pending_handshakes: usize,
+    pub max_pending_handshakes: NonZeroUsize,
     /// PKI mode (mutual TLS against a CA) with these files; zero-configuration mode
     /// (ephemeral self-signed certificates) without.
     pub pki: Option<PkiFiles>,
@@ -64,6 +67,8 @@ pub struct Settings {
     pub restart_identity: Option<RestartIdentity>,
 }
 
+/// For tests only (unit tests and the integration tests in `tests/`): the table's defaults,
+/// so tests run with what a node runs. A node's settings always come through the NIF.
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -72,11 +77,11 @@ impl Default for Settings {
             stream_window: 8 << 20,
             send_window: 32 << 20,
             send_queue_limit: 8 << 20,
-            data_streams: 8,
+            data_streams: NonZeroU8::new(8).unwrap_or(NonZeroU8::MIN),
             max_packet: 1 << 30,
             max_udp_payload: 6500,
-            delivery_window: 2 << 20,
-            max_pending_handshakes: 64,
+            delivery_window: NonZeroUsize::new(2 << 20).unwrap_or(NonZeroUsize::MIN),
+            max_pending_handshakes: NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
             congestion: Congestion::Cubic,
             pki: None,
             liveness_interval: Duration::from_millis(500),
@@ -117,7 +122,7 @@ impl Settings {
         };
         transport.congestion_controller_factory(congestion);
         let mut mtu = MtuDiscoveryConfig::default();
-        mtu.upper_bound(self.max_udp_payload.max(1200));
+        mtu.upper_bound(self.max_udp_payload);
         transport.mtu_discovery_config(Some(mtu));
         Arc::new(transport)
     }

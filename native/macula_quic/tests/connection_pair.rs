@@ -251,7 +251,7 @@ async fn a_small_sender_overtakes_another_senders_bulk_transfer() {
 
 #[tokio::test]
 async fn single_stream_mode_keeps_one_total_order() {
-    let one = Settings { data_streams: 1, ..test_settings() };
+    let one = Settings { data_streams: std::num::NonZeroU8::MIN, ..test_settings() };
     let (client, mut server, _ce, _se) = pair_with(one.clone(), one).await;
     activated(&client, &mut server).await;
     let packets: Vec<Vec<u8>> = (0..200u8).map(|i| from_sender(i, &vec![i; 20_000])).collect();
