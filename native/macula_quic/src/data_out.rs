@@ -245,7 +245,7 @@ mod tests {
 
     #[test]
     fn small_packets_reach_the_writer_as_one_chunk_large_ones_as_they_are() {
-        let out = DataOut::new(1, 1 << 30);
+        let out = DataOut::new(NonZeroU8::new(1).unwrap(), 1 << 30);
         let mut enc = DataEncoder::new(false);
         out.push((0..100).map(|i| packet(&mut enc, i, 10)).collect());
         let chunks = out.take(0);
