@@ -26,7 +26,6 @@
 -include_lib("kernel/include/logger.hrl").
 
 -define(PROTOCOL, quic).
--define(ENDPOINT, {?MODULE, endpoint}).
 
 %%% ------------------------------------------------------------------------------------
 %%% net_kernel callbacks
@@ -98,7 +97,7 @@ bind_endpoint(Family, Port, Config, Identity) ->
     Options = maps:merge(macula_dist_config:nif_options(Config), Identity),
     case macula_dist_nif:listen(macula_dist_config:bind_ip(Family), Port, Options) of
         {ok, Endpoint} ->
-            persistent_term:put(?ENDPOINT, {Endpoint, Family, Config}),
+            ok = macula_dist_endpoint:store(Endpoint, Family, Config),
             {ok, {_Ip, BoundPort}} = macula_dist_nif:endpoint_address(Endpoint),
             {ok, {Endpoint, BoundPort}};
         {error, _} = Error ->
@@ -135,8 +134,7 @@ accept(Endpoint) ->
 
 acceptor_init(Kernel, Endpoint) ->
     ok = macula_dist_nif:accept(Endpoint, self()),
-    {_, Family, _} = persistent_term:get(?ENDPOINT),
-    acceptor_loop(Kernel, Family).
+    acceptor_loop(Kernel, macula_dist_endpoint:family()).
 
 %% The NIF hands over connections whose QUIC/TLS handshake is complete. Each gets a
 %% controller; net_kernel then starts the owner (accept_connection/5) it is handed to.
@@ -202,7 +200,7 @@ do_setup(Kernel, Node, Type, MyNode, SetupTime) ->
                            ?shutdown2(Node, {cannot_locate, NotFound})
                    end,
     dist_util:reset_timer(Timer),
-    case macula_dist_nif:connect(endpoint(), unicode:characters_to_binary(Host), Port, self()) of
+    case macula_dist_nif:connect(macula_dist_endpoint:endpoint(), unicode:characters_to_binary(Host), Port, self()) of
         ok -> ok;
         {error, NotListening} -> ?shutdown2(Node, NotListening)
     end,
@@ -262,8 +260,7 @@ close(Endpoint) ->
         macula_endpoint_closed -> ok
     after 1000 -> ok
     end,
-    _ = persistent_term:erase(?ENDPOINT),
-    ok.
+    macula_dist_endpoint:erase().
 
 %% Runs inside net_kernel for every outgoing connection: syntax only, no lookups
 %% (where a Name@Host node listens is found by the process setup/5 spawns).
@@ -278,9 +275,9 @@ select(Node) ->
 address() ->
     {ok, Host} = inet:gethostname(),
     Family = family(macula_dist_config:bind_ip(inet)),
-    case persistent_term:get(?ENDPOINT, undefined) of
-        undefined -> open_client_endpoint(Family);
-        _ -> ok
+    case macula_dist_endpoint:is_open() of
+        false -> open_client_endpoint(Family);
+        true -> ok
     end,
     #net_address{host = Host, protocol = ?PROTOCOL, family = Family}.
 
@@ -300,10 +297,6 @@ open_client_endpoint(Family) ->
             report_boot_error("open a socket to connect from", Reason),
             erlang:error({macula_dist, Reason})
     end.
-
-endpoint() ->
-    {Endpoint, _Family, _Config} = persistent_term:get(?ENDPOINT),
-    Endpoint.
 
 %%% ------------------------------------------------------------------------------------
 %%% Optional callbacks and tools
@@ -363,8 +356,7 @@ connection_info(Node) ->
 %% @doc The value of option `Key' (see macula_dist_config) of the running endpoint.
 -spec option(atom()) -> term().
 option(Key) ->
-    {_Endpoint, _Family, Config} = persistent_term:get(?ENDPOINT),
-    maps:get(Key, Config).
+    macula_dist_endpoint:option(Key).
 
 %% @doc Sends `Pid''s distribution traffic on the priority data stream of every
 %% connection it has not sent on yet (see prioritize/2).
@@ -393,4 +385,4 @@ prioritize(Pid, On) when is_pid(Pid), is_boolean(On) ->
 %% migration), nothing is lost and no node goes down.
 -spec rebind(inet:ip_address(), inet:port_number()) -> ok | {error, term()}.
 rebind(Ip, Port) ->
-    macula_dist_nif:rebind(endpoint(), Ip, Port).
+    macula_dist_nif:rebind(macula_dist_endpoint:endpoint(), Ip, Port).

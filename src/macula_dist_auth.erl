@@ -76,7 +76,7 @@ initiate(Conn, MyNode, Node) ->
 
 %% A refusal arrives as the connection's close; the controller forwards its reason.
 recv_answer(Conn) ->
-    case macula_dist_ctrl:recv_message(Conn) of
+    case macula_dist_nif:recv_message(Conn) of
         {error, closed} ->
             receive {macula_closed, Reason} -> {error, Reason}
             after ?CLOSE_REASON_WAIT -> {error, closed}
@@ -98,7 +98,7 @@ refused_by_peer(Node, MyNode, ?BAD_NODE_NAME, Phrase) ->
 -spec respond(macula_dist_nif:conn(), {inet:ip_address(), inet:port_number()}) -> {ok, binary()} | {error, term()}.
 respond(Conn, PeerAddr) ->
     Exchange = fun() ->
-                       case unwrap(macula_dist_ctrl:recv_message(Conn)) of
+                       case unwrap(macula_dist_nif:recv_message(Conn)) of
                            <<$A, Len:16, Name:Len/binary, Proof:?PROOF_LEN/binary>> ->
                                respond(Conn, Name, Proof);
                            Other ->
@@ -169,7 +169,7 @@ respond(Conn, Name, Proof) ->
 %% With `verify_name' (PKI mode), the peer's verified certificate must cover the host
 %% part of `Node': an IP SAN for an IP address, a DNS SAN for a host name.
 check_certificate_name(Conn, Node) ->
-    case macula_dist:option(verify_name) of
+    case macula_dist_endpoint:option(verify_name) of
         false ->
             ok;
         true ->

@@ -24,7 +24,7 @@
 %%% net_kernel and OTP's tests expect.
 -module(macula_dist_ctrl).
 
--export([start_linked/1, start_unowned/1, hand_over/2, hs_data/2, recv_message/1, info/1]).
+-export([start_linked/1, start_unowned/1, hand_over/2, hs_data/2, info/1]).
 -export([check_opts/1, get_opts/2]).
 
 -include_lib("kernel/include/net_address.hrl").
@@ -108,10 +108,7 @@ batch_limit() ->
     config(send_batch).
 
 config(Key) ->
-    case persistent_term:get({macula_dist, endpoint}, undefined) of
-        {_Endpoint, _Family, #{Key := Value}} -> Value;
-        _ -> maps:get(Key, macula_dist_config:defaults())
-    end.
+    macula_dist_endpoint:option(Key).
 
 %%% ------------------------------------------------------------------------------------
 %%% The handshake, seen from dist_util
@@ -146,26 +143,9 @@ reject_flags() ->
 
 %% dist_util wants one whole handshake message, as a list.
 recv_handshake(Conn) ->
-    case recv_message(Conn) of
+    case macula_dist_nif:recv_message(Conn) of
         {ok, Message} -> {ok, binary_to_list(Message)};
         {error, _} = Error -> Error
-    end.
-
-%% @doc The next control-stream message (cookie proof or handshake), for the owner.
-%% A connection that closes meanwhile is reported by the controller as
-%% `{macula_closed, Reason}'.
--spec recv_message(macula_dist_nif:conn()) -> {ok, binary()} | {error, term()}.
-recv_message(Conn) ->
-    case macula_dist_nif:recv_handshake(Conn) of
-        {ok, Message} ->
-            {ok, Message};
-        wait ->
-            receive
-                {macula_handshake, Message} -> {ok, Message};
-                {macula_closed, Reason} -> {error, Reason}
-            end;
-        {error, _} = Error ->
-            Error
     end.
 
 %% Transport-level counters: `Received' moves whenever the peer's bytes or ticks

@@ -24,7 +24,8 @@
 
 -export([load/0, format_error/1]).
 -export([listen/3, endpoint_address/1, accept/2, connect/4, close_endpoint/1, rebind/3]).
--export([set_controller/2, send_handshake/2, recv_handshake/1, auth_proof/4, auth_verify/5,
+-export([set_controller/2, send_handshake/2, recv_handshake/1, recv_message/1,
+         auth_proof/4, auth_verify/5,
          peer_cert_covers/2, refuse/3, activate/2, ack_data/2, send_data/2, send_unrouted/2,
          tick/1, stats/1, close/1, info/1]).
 -export([set_priority/3]).
@@ -179,6 +180,23 @@ set_controller(_Conn, _Controller) -> ?NOT_LOADED.
 
 -spec send_handshake(conn(), iodata()) -> ok | {error, closed | handshake_over | too_large}.
 send_handshake(_Conn, _Message) -> ?NOT_LOADED.
+
+%% @doc The next control-stream message (cookie proof or handshake), for the owner.
+%% A connection that closes meanwhile is reported by the controller as
+%% `{macula_closed, Reason}'.
+-spec recv_message(conn()) -> {ok, binary()} | {error, term()}.
+recv_message(Conn) ->
+    case recv_handshake(Conn) of
+        {ok, Message} ->
+            {ok, Message};
+        wait ->
+            receive
+                {macula_handshake, Message} -> {ok, Message};
+                {macula_closed, Reason} -> {error, Reason}
+            end;
+        {error, _} = Error ->
+            Error
+    end.
 
 %% A message already received is returned at once; otherwise `wait', and the next one
 %% comes as `{macula_handshake, Binary}'.
