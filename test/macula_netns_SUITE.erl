@@ -47,7 +47,7 @@
 -export([loss_5pct_sequenced/1, loss_5pct_bulk/1,
          loss_20pct_sequenced/1, loss_20pct_bulk/1,
          loss_20pct_short_ticktime/0, loss_20pct_short_ticktime/1,
-         migrate_to_new_port/1, migrate_to_new_address/1]).
+         migrate_to_new_port/1, migrate_to_new_address/1, loss_5pct_random_senders/1]).
 %% Run on the nodes
 -export([bulk_receiver/2, stream_sender/4, stream_receiver/0,
          seq_transfer/2]).
@@ -72,7 +72,8 @@ suite() ->
 
 all() ->
     [loss_5pct_sequenced, loss_5pct_bulk, loss_20pct_sequenced, loss_20pct_bulk,
-     loss_20pct_short_ticktime, migrate_to_new_port, migrate_to_new_address].
+     loss_20pct_short_ticktime, migrate_to_new_port, migrate_to_new_address,
+     loss_5pct_random_senders].
 
 loss_20pct_short_ticktime() ->
     [{timetrap, {seconds, loss_hold_seconds() + 120}}].
@@ -190,6 +191,38 @@ loss_case(Config, Pct, Kind) ->
                          [Pct, Dropped, In, 100 * Dropped / max(1, In), What, Ms, Rate]),
     ct:pal("~s", [Text]),
     {comment, Text}.
+
+%% Shows: three nodes, two in namespace a and one in b, with 5% loss on the link
+%% between the namespaces; 8 senders on each node send 100 messages of random sizes
+%% (10 B to 2 MiB) to random other nodes at once, over the data-stream pool. Every
+%% message arrives exactly once, intact, in its sender's order (the collectors and
+%% senders of macula_streams_SUITE check it).
+loss_5pct_random_senders(Config) ->
+    Env = #{ns_a := NsA, ns_b := NsB} = setup_link(Config),
+    [A, C, B] = ?P:parallel([fun() -> ?P:start_netns(NsA, ?PORT_A, ?DEFAULT_TICKTIME, #{host => ?IP_A}) end,
+                             fun() -> ?P:start_netns(NsA, ?PORT_A + 2, ?DEFAULT_TICKTIME, #{host => ?IP_A}) end,
+                             fun() -> ?P:start_netns(NsB, ?PORT_B, ?DEFAULT_TICKTIME, #{host => ?IP_B}) end]),
+    Nodes = [A, C, B],
+    Names = [?P:node_of(N) || N <- Nodes],
+    [pong = ?P:call(X, net_adm, ping, [?P:node_of(Y)]) || X <- Nodes, Y <- Nodes, X =/= Y],
+    [ok = add_loss(Env, Ns, 5) || Ns <- [ns_a, ns_b]],
+    [?P:call(N, erlang, register,
+             [macula_streams_rx, ?P:call(N, erlang, spawn, [macula_streams_SUITE, collector, []])])
+     || N <- Nodes],
+    Seed = erlang:unique_integer([positive]),
+    [?P:call(N, erlang, spawn, [macula_streams_SUITE, sender, [Names -- [Me], 100, {Seed, Me, K}]])
+     || {N, Me} <- lists:zip(Nodes, Names), K <- lists:seq(1, 8)],
+    Reports = [?P:call(N, erlang, apply, [fun macula_streams_SUITE:collect_report/0, []], 100000)
+               || N <- Nodes],
+    Counters = [{Ns, loss_counters(Env, Ns)} || Ns <- [ns_a, ns_b]],
+    ct:pal("seed ~p; reports (finished senders, violations, messages): ~p~nnft counters: ~p",
+           [Seed, Reports, Counters]),
+    [?assertEqual({16, []}, {Finished, Violations}) || {Finished, Violations, _} <- Reports],
+    [?assert(Dropped > 0) || {_, {_, Dropped}} <- Counters],
+    Total = lists:sum([Count || {_, _, Count} <- Reports]),
+    ?assertEqual(24 * 100, Total),
+    {comment, io_lib:format("~b messages from 24 senders, in order, none lost or doubled, 5% loss",
+                            [Total])}.
 
 %% On A: N sequenced messages to a receiver on NB; {Result, Ms}.
 seq_transfer(NB, N) ->

@@ -11,8 +11,9 @@
 -export([stream_pool_in_connection_info/1, randomized_senders_keep_order/1,
          signals_keep_order/1, prioritized_pings_pass_a_bulk_transfer/1,
          mixed_modes_interoperate/1, prioritize_refuses_remote_pids/1]).
-%% Run on the nodes.
--export([collector/0, sender/3, bulk_sender/4, bulk_receiver/0, pinger/3, echo/1]).
+%% Run on the nodes (also by macula_netns_SUITE).
+-export([collector/0, sender/3, collect_report/0, bulk_sender/4, bulk_receiver/0, pinger/3,
+         echo/1]).
 
 -define(P, macula_test_peer).
 -define(PORT_RANGE, {30000, 39799}).
