@@ -28,8 +28,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0, end_per_testcase/2]).
 -export([kill_in_mesh_seen_within_a_second/1,
          restart_on_same_name_ends_old_connection/1,
          restart_after_unanswered_connect/1,
@@ -46,7 +45,8 @@
 -define(DEFAULT_TICKTIME, ["-kernel", "net_ticktime", "60"]).
 
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 60}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => ?BLOCK, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [kill_in_mesh_seen_within_a_second,
@@ -57,26 +57,9 @@ all() ->
      forged_icmp_keeps_live_link,
      silent_drop_below_ticktime_keeps_link].
 
-init_per_suite(Config) ->
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    Count = ?BLOCK * (length(all()) + 1),
-    Base = ?P:port_base(Count, ?PORT_RANGE),
-    ct:pal("nodes run the copy in ~ts~nUDP ports of this run: ~b..~b",
-           [filename:dirname(Snapshot), Base, Base + Count - 1]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + ?BLOCK * index(Case, all())} | Config].
-
+%% macula_ct_hook stops the nodes after this.
 end_per_testcase(_Case, _Config) ->
-    ?P:stop_all(),
     cleanup_netns().
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
 
 port(Config, N) ->
     ?config(base_port, Config) + N - 1.

@@ -8,8 +8,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0, end_per_testcase/2]).
 -export([address_book_cluster/1, epmd_cluster/1, same_port_cluster/1,
          client_only_names/1, refusals_say_why/1, setopts_new_connections/1,
          boot_errors/1, localhost_name_boots/1]).
@@ -24,26 +23,12 @@
 -define(LOG_HANDLER, macula_names_log).
 
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 60}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => ?PORTS_PER_CASE, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [address_book_cluster, epmd_cluster, same_port_cluster, client_only_names,
      refusals_say_why, setopts_new_connections, boot_errors, localhost_name_boots].
-
-%% The nodes run a copy of the build (see macula_test_peer:snapshot/1).
-init_per_suite(Config) ->
-    Snapshot = ?P:snapshot(?config(priv_dir, Config)),
-    ct:pal("nodes run the copy in: ~ts", [filename:dirname(Snapshot)]),
-    Count = ?PORTS_PER_CASE * (length(all()) + 1),
-    Base = ?P:port_base(Count, ?PORT_RANGE),
-    ct:pal("UDP ports of this run: ~b..~b", [Base, Base + Count - 1]),
-    [{port_base, Base} | Config].
-
-end_per_suite(_Config) ->
-    ok.
-
-init_per_testcase(Case, Config) ->
-    [{base_port, ?config(port_base, Config) + ?PORTS_PER_CASE * index(Case, all())} | Config].
 
 end_per_testcase(_Case, _Config) ->
     stop_nodes(),
@@ -51,9 +36,6 @@ end_per_testcase(_Case, _Config) ->
         undefined -> ok;
         EpmdPort -> stop_epmd(EpmdPort)
     end.
-
-index(X, [X | _]) -> 1;
-index(X, [_ | T]) -> 1 + index(X, T).
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases

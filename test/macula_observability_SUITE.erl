@@ -9,8 +9,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([suite/0, all/0, init_per_suite/1, end_per_suite/1,
-         init_per_testcase/2, end_per_testcase/2]).
+-export([suite/0, all/0]).
 -export([info_after_traffic/1, dist_counters/1, log_events/1]).
 %% Node side
 -export([capture_start/0, captured/0, log/2, send_burst/2]).
@@ -20,24 +19,12 @@
 -define(COLLECTOR, macula_observability_collector).
 
 suite() ->
-    [{timetrap, {seconds, 60}}].
+    [{timetrap, {seconds, 60}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [info_after_traffic, dist_counters, log_events].
 
-init_per_suite(Config) ->
-    _ = ?P:snapshot(?config(priv_dir, Config)),
-    [{port_base, ?P:port_base(10 * length(all()), ?PORT_RANGE)} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
-init_per_testcase(Case, Config) ->
-    Index = length(lists:takewhile(fun(C) -> C =/= Case end, all())),
-    [{base_port, ?config(port_base, Config) + 10 * Index} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    ?P:stop_all().
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases

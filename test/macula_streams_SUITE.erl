@@ -6,8 +6,7 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([all/0, groups/0, suite/0, init_per_suite/1, end_per_suite/1,
-         init_per_group/2, end_per_group/2, init_per_testcase/2, end_per_testcase/2]).
+-export([all/0, groups/0, suite/0, init_per_group/2, end_per_group/2]).
 -export([stream_pool_in_connection_info/1, randomized_senders_keep_order/1,
          signals_keep_order/1, prioritized_pings_pass_a_bulk_transfer/1,
          mixed_modes_interoperate/1, prioritize_refuses_remote_pids/1]).
@@ -20,7 +19,8 @@
 -define(RX, macula_streams_rx).
 
 suite() ->
-    [{timetrap, {seconds, 120}}].
+    [{timetrap, {seconds, 120}},
+     {ct_hooks, [{macula_ct_hook, #{ports_per_case => 10, port_range => ?PORT_RANGE}}]}].
 
 all() ->
     [{group, single_stream}, {group, multi_stream}, mixed_modes_interoperate,
@@ -31,13 +31,6 @@ groups() ->
     [{single_stream, [], Both},
      {multi_stream, [], Both ++ [prioritized_pings_pass_a_bulk_transfer]}].
 
-init_per_suite(Config) ->
-    _ = ?P:snapshot(?config(priv_dir, Config)),
-    [{port_base, ?P:port_base(200, ?PORT_RANGE)} | Config].
-
-end_per_suite(_Config) ->
-    ?P:stop_all().
-
 init_per_group(single_stream, Config) ->
     [{node_args, ["-macula_dist_opt", "data_streams", "1"]}, {pool, 1} | Config];
 init_per_group(multi_stream, Config) ->
@@ -45,19 +38,6 @@ init_per_group(multi_stream, Config) ->
 
 end_per_group(_Group, _Config) ->
     ok.
-
-%% Each case gets its own block of ten ports.
-init_per_testcase(Case, Config) ->
-    Group = proplists:get_value(name, ?config(tc_group_properties, Config), none),
-    Cases = [C || {G, _, Cs} <- groups(), G =:= Group, C <- Cs] ++ all(),
-    Offset = case Group of multi_stream -> 100; _ -> 0 end,
-    [{base_port, ?config(port_base, Config) + Offset + 10 * index(Case, Cases)} | Config].
-
-end_per_testcase(_Case, _Config) ->
-    ?P:stop_all().
-
-index(X, [X | _]) -> 0;
-index(X, [_ | T]) -> 1 + index(X, T).
 
 start_nodes(Config, N) ->
     Args = proplists:get_value(node_args, Config, []),
