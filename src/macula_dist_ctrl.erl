@@ -61,6 +61,9 @@
                %% once the queue is writable again (see inject/4).
                held_reply :: {pid(), reference()} | undefined,
                up_since :: integer() | undefined,
+               %% Why the connection closed, if it did during the handshake (the owner
+               %% was told; see handshaking/1).
+               closed_during_handshake :: term(),
                opts = #{} :: #{nodelay => boolean()}}).
 
 %%% ------------------------------------------------------------------------------------
@@ -221,7 +224,7 @@ handshaking(S) ->
             %% status dist_util waits to be killed by net_kernel (simultaneous connect),
             %% and dying now would turn the winning connection into a failed connect.
             S#ctrl.owner ! {macula_closed, Reason},
-            handshaking(S);
+            handshaking(S#ctrl{closed_during_handshake = Reason});
         Other ->
             handshaking(handle_common(Other, S))
     end.
@@ -233,7 +236,7 @@ complete_handshake(#ctrl{conn = Conn} = S, DHandle) ->
     false = erlang:dist_ctrl_set_opt(DHandle, get_size, true),
     case macula_dist_nif:activate(Conn, Input) of
         ok -> ok;
-        {error, closed} -> await_close()
+        {error, closed} -> closed_at_activation(S)
     end,
     S#ctrl{dhandle = DHandle, input = Input, up_since = erlang:monotonic_time(millisecond)}.
 
@@ -409,6 +412,15 @@ flush_input(Input) ->
     after ?FLUSH_TIMEOUT ->
             erlang:demonitor(Ref, [flush]), ok
     end.
+
+%% The handshake completed on a connection that had already closed (a peer that ends
+%% its control stream right after its last handshake message): the reason came during
+%% the handshake and went to the owner, so it is not waited for again.
+-spec closed_at_activation(#ctrl{}) -> no_return().
+closed_at_activation(#ctrl{closed_during_handshake = undefined}) ->
+    await_close();
+closed_at_activation(#ctrl{closed_during_handshake = Reason}) ->
+    exit(Reason).
 
 %% The NIF reports why the connection closed; that reason is the nodedown reason.
 -spec await_close() -> no_return().
