@@ -132,6 +132,8 @@ context() ->
       clk_tck => list_to_integer(Env("CLK_TCK")),
       certs => Env("CERTS"),
       watchdog => list_to_integer(Env("WATCHDOG")),
+      %% "key value ..." pairs for every macula node, to compare options.
+      macula_opts => string:lexemes(Env("MACULA_OPTS"), " "),
       %% A fresh random cookie: nothing else on the host can join.
       cookie => "mb" ++ integer_to_list(erlang:unique_integer([positive]))
                     ++ integer_to_list(rand:uniform(1 bsl 40))}.
@@ -199,11 +201,21 @@ carrier_args(tcp, _Name, Ctx) ->
 carrier_args(tls, Name, Ctx) ->
     ["-proto_dist", "inet_tls", "-ssl_dist_optfile", tls_optfile(Name, Ctx)
      | epmd_args(Ctx)];
-carrier_args(macula, _Name, #{macula_ebin := Ebin}) ->
+carrier_args(macula, _Name, #{macula_ebin := Ebin} = Ctx) ->
     %% -proto_dist exactly once: a second one silently selects inet_tcp (OTP 25).
-    ["-proto_dist", "macula", "-no_epmd", "-pa", Ebin];
+    ["-proto_dist", "macula", "-no_epmd", "-pa", Ebin | macula_opt_args(Ctx)];
 carrier_args(macula1, Name, Ctx) ->
     carrier_args(macula, Name, Ctx) ++ ["-macula_dist_opt", "data_streams", "1"].
+
+macula_opt_args(#{macula_opts := Opts}) ->
+    opt_pairs(Opts).
+
+opt_pairs([Key, Value | Rest]) ->
+    ["-macula_dist_opt", Key, Value | opt_pairs(Rest)];
+opt_pairs([]) ->
+    [];
+opt_pairs([Odd]) ->
+    throw({usage, "MACULA_BENCH_MACULA_OPTS needs key value pairs, not " ++ Odd}).
 
 %% A private epmd (started by bench/run) on a non-default port, so the bench
 %% neither depends on nor disturbs a system epmd; dist listen ports are kept
