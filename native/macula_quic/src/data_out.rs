@@ -94,9 +94,10 @@ impl DataOut {
             routes: Mutex::new(routes),
             bytes: AtomicUsize::new(0),
             limit,
-            // Resume with room for a few more busy-limit's worth of the VM's queue, so
-            // the senders the VM suspended get their turn before the queues fill again.
-            low_watermark: limit - limit / 4,
+            // Resume soon after the queues fall below the limit: a small message that
+            // waits in the VM's queue (one FIFO for every sender) behind the busy
+            // connection waits for this much bulk to go out first.
+            low_watermark: limit - limit / 32,
             want_writable: AtomicBool::new(false),
         }
     }
@@ -272,8 +273,8 @@ mod tests {
         assert_eq!(out.push(vec![packet(&mut enc, 1, 6000)]), SendStatus::Busy);
         let stream = (0..2).find(|&i| out.streams[i].bytes.load(Ordering::Relaxed) > 0).unwrap();
         let taken = flat(out.take(stream));
-        assert!(!out.written(stream, 4000), "still above the low watermark");
-        assert!(out.written(stream, taken - 4000), "drained: the controller is told once");
+        assert!(!out.written(stream, 2000), "still above the low watermark");
+        assert!(out.written(stream, taken - 2000), "drained: the controller is told once");
         assert_eq!(out.queued(), 0);
         assert!(!out.written(stream, 0));
     }
