@@ -47,6 +47,10 @@
 %% last packets into the VM.
 -define(FLUSH_TIMEOUT, 1000).
 
+%% Times a drain after `macula_writable' yields and looks at the VM's queue again, so
+%% that the senders it resumed can queue (see drain_all/1).
+-define(RESUME_ROUNDS, 8).
+
 %% A `{send, From, Ref, IoData}' request of the test hook (see inject/4).
 -define(IS_RAW_SEND(Msg),
         (is_tuple(Msg) andalso tuple_size(Msg) =:= 4 andalso element(1, Msg) =:= send)).
@@ -337,18 +341,40 @@ handle_common(Stray, S) ->
 %% waits for macula_writable, leaving the rest in the VM's queue, whose senders the VM
 %% then suspends).
 %%
-%% The VM's queue is one FIFO for every sender and a suspended sender only gets in when
-%% the queue has fallen below the busy limit. So when the NIF has room again the
-%% controller empties the VM's queue (up to `Allowance' bytes past the NIF's limit,
-%% twice the VM's busy limit): every suspended sender is resumed and a small message
-%% queued behind a bulk transfer goes out on its own stream at once, instead of losing
-%% the race for the queue to the bulk sender time after time.
+%% The VM's queue is one FIFO for every sender. A sender that finds it busy is suspended
+%% and resumed when the queue falls below half the busy limit, and then finds it busy
+%% again if the bulk sender, resumed with it, queued first. So when the NIF has room
+%% again the controller empties the VM's queue (up to `Allowance' bytes past the NIF's
+%% limit, four times the VM's busy limit), and, the queue empty, yields a few times and
+%% empties it again: each round resumes whoever the last one suspended, so a small
+%% message behind a bulk transfer gets in within this drain and goes out on its own
+%% stream, instead of losing the race for the queue time after time.
 drain(S) ->
-    drain(S, [], 0, 0).
+    case drain(S, [], 0, 0) of
+        {empty, _} -> rearm(S);
+        Busy -> Busy
+    end.
 
 drain_all(S) ->
-    drain(S, [], 0, 2 * erlang:system_info(dist_buf_busy_limit)).
+    drain_rounds(S, 4 * erlang:system_info(dist_buf_busy_limit), ?RESUME_ROUNDS).
 
+drain_rounds(S, Allowance, Rounds) ->
+    case drain(S, [], 0, Allowance) of
+        {empty, Left} when Rounds > 0, Left > 0 ->
+            erlang:yield(),
+            drain_rounds(S, Left, Rounds - 1);
+        {empty, _} ->
+            rearm(S);
+        Busy ->
+            Busy
+    end.
+
+rearm(#ctrl{dhandle = DHandle} = S) ->
+    ok = erlang:dist_ctrl_get_data_notification(DHandle),
+    S.
+
+%% `{empty, AllowanceLeft}' once the VM's queue is empty and all of it is with the NIF,
+%% else the state, busy.
 drain(#ctrl{batch_limit = Limit} = S, Batch, Size, Allowance) when Size >= Limit ->
     case push(S, Batch) of
         ok -> drain(S, [], 0, Allowance);
@@ -359,11 +385,9 @@ drain(#ctrl{dhandle = DHandle} = S, Batch, Size, Allowance) ->
     case erlang:dist_ctrl_get_data(DHandle) of
         none ->
             case push(S, Batch) of
-                ok ->
-                    ok = erlang:dist_ctrl_get_data_notification(DHandle),
-                    S;
-                busy ->
-                    S#ctrl{busy = true}
+                ok -> {empty, Allowance};
+                busy when Allowance > Size -> {empty, Allowance - Size};
+                busy -> S#ctrl{busy = true}
             end;
         {PacketSize, Packet} ->
             drain(S, [Packet | Batch], Size + PacketSize, Allowance)
