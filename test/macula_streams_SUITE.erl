@@ -9,14 +9,20 @@
 -export([all/0, groups/0, suite/0, init_per_group/2, end_per_group/2]).
 -export([stream_pool_in_connection_info/1, randomized_senders_keep_order/1,
          signals_keep_order/1, prioritized_pings_pass_a_bulk_transfer/1,
-         mixed_modes_interoperate/1, prioritize_refuses_remote_pids/1]).
+         mixed_modes_interoperate/1, prioritize_refuses_remote_pids/1,
+         down_by_name_follows_the_last_messages/1]).
 %% Run on the nodes (also by macula_netns_SUITE).
 -export([collector/0, sender/3, collect_report/0, bulk_sender/4, bulk_receiver/0, pinger/3,
-         echo/1]).
+         echo/1, named_sender/3]).
 
 -define(P, macula_test_peer).
 -define(PORT_RANGE, {30000, 39799}).
 -define(RX, macula_streams_rx).
+%% Rounds of down_by_name_follows_the_last_messages: without the fence most rounds fail.
+-define(DOWN_ROUNDS, 50).
+%% The large message of each of those rounds, then this many small ones.
+-define(DOWN_BIG, 4 bsl 20).
+-define(DOWN_SMALL, 20).
 
 suite() ->
     [{timetrap, {seconds, 120}},
@@ -27,7 +33,8 @@ all() ->
      prioritize_refuses_remote_pids].
 
 groups() ->
-    Both = [stream_pool_in_connection_info, randomized_senders_keep_order, signals_keep_order],
+    Both = [stream_pool_in_connection_info, randomized_senders_keep_order, signals_keep_order,
+            down_by_name_follows_the_last_messages],
     [{single_stream, [], Both},
      {multi_stream, [], Both ++ [prioritized_pings_pass_a_bulk_transfer]}].
 
@@ -172,6 +179,57 @@ drain_until_exit(Pid, Acc) ->
     after 20000 -> {timeout, lists:reverse(Acc)}
     end.
 
+%% Shows: the 'DOWN' of a monitor by registered name comes after every message the
+%% monitored process sent before it died, though its control message names the
+%% process by its name and so travels on the fixed stream, not the process's own: a
+%% registered process on B sends a large message and then small ones to a process on
+%% A that monitors it by {Name, B}, then exits; 50 rounds.
+down_by_name_follows_the_last_messages(Config) ->
+    [A, B] = start_nodes(Config, 2),
+    connect(A, B),
+    down_by_name_rounds(A, ?P:node_of(B)).
+
+%% Runs the rounds on A against named senders on NB; fails naming the bad rounds.
+down_by_name_rounds(A, NB) ->
+    Rounds = ?P:run(A, fun() -> [down_by_name_round(NB, R) || R <- lists:seq(1, ?DOWN_ROUNDS)] end,
+                    110000),
+    Early = [R || R <- Rounds, R =/= in_order],
+    ct:pal("'DOWN' before the last messages in ~p of ~p rounds", [length(Early), ?DOWN_ROUNDS]),
+    ?assertEqual([], Early).
+
+down_by_name_round(NB, Round) ->
+    Name = list_to_atom("macula_streams_named_" ++ integer_to_list(Round)),
+    _ = spawn(NB, ?MODULE, named_sender, [self(), Name, Round]),
+    Pid = receive {registered, Round, P} -> P after 20000 -> exit(no_named_sender) end,
+    Ref = monitor(process, {Name, NB}),
+    %% Sent after the monitor request by the same process: B sees the monitor first.
+    Pid ! go,
+    Expected = [big | lists:seq(1, ?DOWN_SMALL)],
+    case until_down(Ref, Round, []) of
+        {Expected, normal} ->
+            in_order;
+        {Before, Reason} ->
+            %% Collect the stragglers, so the next round starts with an empty mailbox.
+            {Round, Reason, before_down, Before, after_down, stragglers(Round, Expected -- Before)}
+    end.
+
+until_down(Ref, Round, Acc) ->
+    receive
+        {big, Round, Bin} when byte_size(Bin) =:= ?DOWN_BIG -> until_down(Ref, Round, [big | Acc]);
+        {small, Round, I} -> until_down(Ref, Round, [I | Acc]);
+        {'DOWN', Ref, process, _, Reason} -> {lists:reverse(Acc), Reason}
+    after 20000 -> {lists:reverse(Acc), no_down}
+    end.
+
+stragglers(_Round, []) ->
+    [];
+stragglers(Round, Missing) ->
+    receive
+        {big, Round, _} -> [big | stragglers(Round, Missing -- [big])];
+        {small, Round, I} -> [I | stragglers(Round, Missing -- [I])]
+    after 20000 -> [{missing, Missing}]
+    end.
+
 %% Shows: while one process streams 1 MiB binaries flat out (16 in flight), a
 %% prioritised process and an ordinary one each complete round trips with a process
 %% on the other node, and none of them waits for the bulk transfer to end.
@@ -218,7 +276,10 @@ mixed_modes_interoperate(Config) ->
     ?assertEqual(lists:seq(1, 1000), Echo(NB)),
     ?assertEqual(NA, ?P:call(B, erpc, call, [NA, erlang, node, []])),
     {ok, #{data_streams := #{pool := 1}}} = ?P:call(A, macula_dist, connection_info, [NB]),
-    {ok, #{data_streams := #{pool := 9}}} = ?P:call(B, macula_dist, connection_info, [NA]).
+    {ok, #{data_streams := #{pool := 9}}} = ?P:call(B, macula_dist, connection_info, [NA]),
+    %% The single-stream side follows the multi-stream side's fences: a 'DOWN' by name
+    %% from B still comes after the messages sent before it.
+    down_by_name_rounds(A, NB).
 
 %% Shows: only local processes can be prioritised, with a matchable error.
 prioritize_refuses_remote_pids(Config) ->
@@ -301,6 +362,16 @@ bulk_receiver() ->
 
 bulk_receiver_loop(S) ->
     receive B when is_binary(B) -> S ! ack, bulk_receiver_loop(S) end.
+
+%% Registers as Name, tells Parent, and on `go' sends it a large message, then small
+%% ones, then exits (normally).
+named_sender(Parent, Name, Round) ->
+    true = register(Name, self()),
+    Parent ! {registered, Round, self()},
+    receive go -> ok after 20000 -> exit(no_go) end,
+    Parent ! {big, Round, binary:copy(<<Round>>, ?DOWN_BIG)},
+    [Parent ! {small, Round, I} || I <- lists:seq(1, ?DOWN_SMALL)],
+    ok.
 
 %% Round trips with an echo process on Node for 3 s; reports how many, and when done.
 pinger(Parent, Node, Prio) ->
