@@ -42,7 +42,7 @@ pub fn transport() -> Arc<TransportConfig> {
 }
 
 /// A client endpoint with a real node's zero-configuration TLS (any server
-/// certificate, ALPN macula-dist/2, from the core).
+/// certificate, ALPN macula-dist/3, from the core).
 pub fn client_endpoint(target: SocketAddr) -> Res<Endpoint> {
     let mut endpoint = Endpoint::client(local_for(target))?;
     let mut config = ClientConfig::new(Arc::new(tls::client_crypto()?));

@@ -40,6 +40,9 @@ impl PacketBuf for ErlangBinary {
     fn as_mut_slice(&mut self) -> &mut [u8] {
         self.0.as_mut_slice()
     }
+    fn len(&self) -> usize {
+        self.0.as_slice().len()
+    }
 }
 
 /// The processes a connection reports to.

@@ -30,9 +30,10 @@ use tokio::sync::Notify;
 
 use crate::admission::{Established, Gate};
 use crate::auth::{self, Role, PROOF_LEN};
-use crate::data_in::{Batch, Credit, Delivery};
+use crate::data_in::{Credit, Delivery, Inbound};
 use crate::data_out::DataOut;
 pub use crate::data_out::SendStatus;
+use crate::fence::FenceBoard;
 use crate::frame::{self, Frame, FrameDecoder, HeaderWidth, OutgoingPacket, PacketBuf};
 use crate::graceful_close::{self, PeerEnded};
 use crate::liveness;
@@ -168,6 +169,8 @@ pub struct Connection<E: Events> {
     handshake_in: Mutex<HandshakeInbox>,
     handshake_space: Notify,
     delivery: Delivery,
+    /// How far each of the peer's data streams has delivered (`crate::fence`).
+    fences: FenceBoard,
     activated: AtomicBool,
     activate: Notify,
     received: AtomicU64,
@@ -199,6 +202,7 @@ impl<E: Events> Connection<E> {
             handshake_in: Mutex::new(HandshakeInbox::default()),
             handshake_space: Notify::new(),
             delivery,
+            fences: FenceBoard::default(),
             activated: AtomicBool::new(false),
             activate: Notify::new(),
             received: AtomicU64::new(0),
@@ -539,13 +543,9 @@ impl<E: Events> Connection<E> {
         self.close_with(CloseReason::PeerClosed, close_code::SHUTDOWN, b"closed");
     }
 
-    /// The peer ended a data stream, which it may only do while closing gracefully:
-    /// hands over what is left, then expects the control stream to end too.
-    async fn data_stream_ended(&self, mut batch: Batch<E::Packet>, class: Class) {
-        if !batch.packets.is_empty() {
-            let Ok(credit) = self.delivery.acquire(class, batch.bytes).await else { return };
-            self.events.data(batch.take().0, credit);
-        }
+    /// The peer ended a data stream, which it may only do while closing gracefully
+    /// (everything it carried is delivered): expects the control stream to end too.
+    async fn data_stream_ended(&self) {
         self.peer_ended.mark_data_stream();
         if !self.peer_ended.wait_until(|ended| ended.control_ended()).await {
             self.violation("data stream finished by peer".into());
@@ -640,35 +640,62 @@ impl<E: Events> Connection<E> {
         };
         let mut decoder: FrameDecoder<E::Packet> = FrameDecoder::new(HeaderWidth::Four, self.settings.max_packet);
         let mut chunks: Vec<Bytes> = vec![Bytes::new(); 64];
-        let mut batch = Batch::default();
+        let mut inbound = Inbound::new(&self.fences);
+        let mut finished = false;
         loop {
-            // While there is no credit for the pending batch, keep reading into it (up
-            // to MAX_BATCH): a slow consumer gets fewer, fuller messages, and beyond
-            // that QUIC flow control holds this stream's sender back. Credit is a fair
-            // semaphore, so the readers of several streams take turns.
+            // Taken before the checks in `settle`, so a fence passed meanwhile wakes us.
+            let fence_passed = self.fences.changed();
+            if let Err(e) = inbound.settle() {
+                return self.violation(format!("data stream: {e}"));
+            }
+            if finished && inbound.is_empty() {
+                // Marks the stream ended for the fences before waiting for the close.
+                drop(inbound);
+                return self.data_stream_ended().await;
+            }
+            // While there is no credit for the pending packets, keep reading (up to
+            // MAX_BATCH): a slow consumer gets fewer, fuller messages, and beyond that
+            // QUIC flow control holds this stream's sender back. Credit is a fair
+            // semaphore, so the readers of several streams take turns. A reader held by
+            // a fence wait asks for no credit until the wait is over.
             let read = tokio::select! {
                 biased;
-                credit = self.delivery.acquire(class, batch.bytes), if !batch.packets.is_empty() => match credit {
+                credit = self.delivery.acquire(class, inbound.ready_bytes()), if inbound.has_ready() => match credit {
                     Ok(credit) => {
-                        self.events.data(batch.take().0, credit);
+                        inbound.deliver(|packets| self.events.data(packets, credit));
                         continue;
                     }
                     Err(_) => return,
                 },
-                read = stream.read_chunks(&mut chunks), if batch.has_room() => read,
+                () = fence_passed, if inbound.waits() => continue,
+                read = stream.read_chunks(&mut chunks), if !finished && inbound.has_room() => read,
+                // Unreachable: after `settle`, something pending is ready or waits.
+                else => return self.violation("data stream reader has nothing to wait for".into()),
             };
             let n = match read {
                 Ok(Some(n)) => n,
-                Ok(None) => return self.data_stream_ended(batch, class).await,
+                // The peer may end a data stream only while closing gracefully; what is
+                // pending is delivered first.
+                Ok(None) => {
+                    finished = true;
+                    continue;
+                }
                 Err(_) => return,
             };
             let mut packets = 0u64;
+            let mut refused = None;
             for chunk in &chunks[..n] {
-                batch.bytes += chunk.len();
-                if let Err(e) = decoder.feed(chunk, |f| {
+                inbound.read(chunk.len());
+                let fed = decoder.feed(chunk, |f| {
                     packets += 1;
-                    batch.push(f)
-                }) {
+                    if refused.is_none() {
+                        refused = inbound.push(f).err();
+                    }
+                });
+                if let Err(e) = fed {
+                    return self.violation(format!("data stream: {e}"));
+                }
+                if let Some(e) = refused {
                     return self.violation(format!("data stream: {e}"));
                 }
             }

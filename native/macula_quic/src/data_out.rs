@@ -20,7 +20,8 @@ use std::sync::Mutex;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
-use crate::frame::OutgoingPacket;
+use crate::fence::{Fence, FenceOut};
+use crate::frame::{self, OutgoingPacket};
 use crate::routing::{Routes, FIXED_STREAM};
 
 /// Answer of [`crate::Connection::send_data`].
@@ -76,6 +77,8 @@ impl Chunks {
 pub(crate) struct DataOut {
     streams: Vec<StreamQueue>,
     routes: Mutex<Routes>,
+    /// Which streams a packet without a sender must be fenced from (locked after `routes`).
+    fences: Mutex<FenceOut>,
     /// Bytes queued on all streams and not yet handed to QUIC.
     bytes: AtomicUsize,
     limit: usize,
@@ -92,6 +95,7 @@ impl DataOut {
         DataOut {
             streams,
             routes: Mutex::new(routes),
+            fences: Mutex::new(FenceOut::default()),
             bytes: AtomicUsize::new(0),
             limit,
             // Resume soon after the queues fall below the limit: a small message that
@@ -117,12 +121,14 @@ impl DataOut {
         lock(&self.routes).priority_stream()
     }
 
-    /// Queues packets on their streams. Never blocks.
+    /// Queues packets on their streams, a packet without a sender behind a fence
+    /// ([`crate::fence`]). Never blocks.
     pub(crate) fn push(&self, packets: Vec<OutgoingPacket>) -> SendStatus {
         let mut total = 0;
         let mut woken = 0u64;
         {
             let mut routes = lock(&self.routes);
+            let mut fences = lock(&self.fences);
             for packet in packets {
                 let index = if packet.fixed {
                     FIXED_STREAM
@@ -130,12 +136,13 @@ impl DataOut {
                     let queued = |i: usize| self.streams[i].bytes.load(Ordering::Relaxed);
                     routes.stream_for(packet.sender(), packet.class, queued)
                 };
-                // Routes never name a stream beyond `streams()`, which sized `streams`.
-                let stream = &self.streams[index];
-                stream.bytes.fetch_add(packet.bytes, Ordering::Relaxed);
-                let mut queue = lock(&stream.chunks);
-                packet.chunks.into_iter().for_each(|chunk| queue.push(chunk));
-                total += packet.bytes;
+                if packet.sender().is_some() && !packet.fixed {
+                    fences.routed(index);
+                } else if let Some(fence) = fences.unrouted() {
+                    // Never in single-stream mode: no packet has a sender there.
+                    total += self.enqueue_fence(&fence);
+                }
+                total += self.enqueue(index, packet.chunks, packet.bytes);
                 woken |= 1 << index;
             }
         }
@@ -154,6 +161,30 @@ impl DataOut {
             return SendStatus::Ready;
         }
         SendStatus::Busy
+    }
+
+    /// Appends `bytes` framed bytes to stream `index`'s queue; returns `bytes`.
+    fn enqueue(&self, index: usize, chunks: impl IntoIterator<Item = Bytes>, bytes: usize) -> usize {
+        // Routes never name a stream beyond `streams()`, which sized `streams`.
+        let stream = &self.streams[index];
+        stream.bytes.fetch_add(bytes, Ordering::Relaxed);
+        let mut queue = lock(&stream.chunks);
+        chunks.into_iter().for_each(|chunk| queue.push(chunk));
+        bytes
+    }
+
+    /// Queues `fence` ahead of a packet without a sender: its marker on each stream it
+    /// names, the wait for it on the fixed stream. Returns the bytes queued.
+    fn enqueue_fence(&self, fence: &Fence) -> usize {
+        let mut total = 0;
+        for i in fence.streams() {
+            // Stream indexes are below wire::MAX_DATA_STREAMS, which fits a u8.
+            let marker = Bytes::copy_from_slice(&frame::fence_marker(i as u8, fence.seq));
+            total += self.enqueue(i, [marker], frame::FENCE_LEN);
+            self.streams[i].wake.notify_one();
+        }
+        let wait = Bytes::copy_from_slice(&frame::wait_marker(fence.seq, fence.streams));
+        total + self.enqueue(FIXED_STREAM, [wait], frame::WAIT_LEN)
     }
 
     /// Everything queued on stream `index`, for its writer.
@@ -242,6 +273,51 @@ mod tests {
         raw.pin_to_fixed_stream();
         multi.push(vec![raw]);
         assert_eq!(flat(multi.take(FIXED_STREAM)), 47);
+    }
+
+    fn bytes_of(chunks: Vec<Bytes>) -> Vec<u8> {
+        chunks.iter().flat_map(|c| c.iter().copied()).collect()
+    }
+
+    /// A packet whose control message names no sender: MONITOR_P_EXIT by name.
+    fn unrouted(encoder: &mut DataEncoder) -> OutgoingPacket {
+        let bytes = [112, 131, 104, 3, 97, 21, 119, 1, b'n'];
+        let mut p = encoder.packet(bytes.len()).unwrap();
+        p.copy(&bytes);
+        p.finish().unwrap()
+    }
+
+    #[test]
+    fn a_packet_without_a_sender_is_fenced_from_the_streams_used_before_it() {
+        let out = DataOut::new(NonZeroU8::new(4).unwrap(), 1 << 20);
+        let mut enc = DataEncoder::new(true);
+        // Three new senders: the first goes on the fixed stream, the others elsewhere.
+        out.push(vec![packet(&mut enc, 1, 100), packet(&mut enc, 2, 100), packet(&mut enc, 3, 100)]);
+        let used: Vec<usize> = (1..4).filter(|&i| out.streams[i].bytes.load(Ordering::Relaxed) > 0).collect();
+        assert_eq!(used.len(), 2, "two senders on streams besides the fixed one");
+        assert_eq!(flat(out.take(FIXED_STREAM)), 146);
+        let before: Vec<Vec<u8>> = used.iter().map(|&i| bytes_of(out.take(i))).collect();
+        let down = unrouted(&mut enc);
+        let down_bytes = bytes_of(down.chunks().to_vec());
+        out.push(vec![down]);
+        // Each used stream got fence 1 naming itself, after what it had.
+        for (&i, old) in used.iter().zip(&before) {
+            assert_eq!(bytes_of(out.take(i)), frame::fence_marker(i as u8, 1), "stream {i} after {} bytes", old.len());
+        }
+        let mut expected = frame::wait_marker(1, used.iter().map(|&i| 1u64 << i).sum()).to_vec();
+        expected.extend(&down_bytes);
+        assert_eq!(bytes_of(out.take(FIXED_STREAM)), expected);
+        // The bytes count against the queue limit like packets, and drain like them.
+        assert_eq!(out.queued(), 2 * frame::FENCE_LEN + frame::WAIT_LEN + down_bytes.len() + 3 * 146);
+        // Nothing sent elsewhere since: the next one needs no fence.
+        let again = unrouted(&mut enc);
+        out.push(vec![again]);
+        assert_eq!(bytes_of(out.take(FIXED_STREAM)), down_bytes);
+        // Single-stream mode never fences.
+        let single = DataOut::new(NonZeroU8::MIN, 1 << 20);
+        let mut enc = DataEncoder::new(false);
+        single.push(vec![packet(&mut enc, 1, 10), unrouted(&mut enc)]);
+        assert_eq!(flat(single.take(0)), 56 + down_bytes.len());
     }
 
     #[test]

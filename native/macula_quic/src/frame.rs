@@ -2,7 +2,11 @@
 //!
 //! * The control stream carries the `dist_util` handshake and, afterwards, ticks:
 //!   `Len:16/big, Payload`. An empty frame is a tick.
-//! * A data stream carries distribution packets: `Len:32/big, Packet`.
+//! * A data stream carries distribution packets: `Len:32/big, Packet`. A zero length
+//!   introduces a marker of the stream order instead (see [`crate::fence`]):
+//!   `0:32, 1, Stream:8, Seq:64/big` is fence `Seq` on the sender's stream `Stream`,
+//!   `0:32, 2, Seq:64/big, Streams:64/big` is a wait for fence `Seq` of the streams
+//!   whose bits are set in `Streams` (bit `i`: stream `i`).
 //!
 //! [`DataEncoder`] frames outgoing packets and reads each one's sender for routing;
 //! [`FrameDecoder`] takes incoming bytes apart.
@@ -44,6 +48,9 @@ pub enum FrameError {
     /// A packet was announced with one length and given another (a bug of the caller).
     #[error("packet announced as {announced} bytes but {written} were given")]
     LengthMismatch { announced: usize, written: usize },
+    /// A data stream carried a marker of a type this side does not know.
+    #[error("unknown marker type {0}")]
+    UnknownMarker(u8),
 }
 
 /// A buffer a decoded packet is assembled in.
@@ -57,6 +64,12 @@ pub trait PacketBuf: Sized {
     fn grow(&mut self, len: usize);
     /// The whole buffer.
     fn as_mut_slice(&mut self) -> &mut [u8];
+    /// The buffer's length.
+    fn len(&self) -> usize;
+    /// True for an empty buffer (a decoded packet never is).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl PacketBuf for Vec<u8> {
@@ -69,23 +82,101 @@ impl PacketBuf for Vec<u8> {
     fn as_mut_slice(&mut self) -> &mut [u8] {
         self
     }
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
 }
 
 /// One decoded frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<B> {
-    /// An empty frame: a tick.
+    /// An empty frame of the control stream: a tick.
     Tick,
     /// A non-empty payload.
     Packet(B),
+    /// Data streams: everything before this point of the sender's stream `stream` was
+    /// sent before fence `seq`.
+    Fence { stream: u8, seq: u64 },
+    /// Data streams: deliver what follows only once every stream in `streams` (bit `i`:
+    /// stream `i`) has delivered everything before its fence `seq`.
+    Wait { seq: u64, streams: u64 },
+}
+
+/// Marker types, the byte after a zero length on a data stream.
+const FENCE: u8 = 1;
+const WAIT: u8 = 2;
+
+/// Wire size of a fence marker: `0:32, 1, Stream:8, Seq:64`.
+pub const FENCE_LEN: usize = 14;
+/// Wire size of a wait marker: `0:32, 2, Seq:64, Streams:64`.
+pub const WAIT_LEN: usize = 21;
+
+/// Longest marker body (after its type byte).
+const MARKER_BODY_MAX: usize = 16;
+
+/// The fence marker for stream `stream`, number `seq`.
+pub fn fence_marker(stream: u8, seq: u64) -> [u8; FENCE_LEN] {
+    let mut m = [0; FENCE_LEN];
+    m[4] = FENCE;
+    m[5] = stream;
+    m[6..].copy_from_slice(&seq.to_be_bytes());
+    m
+}
+
+/// The marker that waits for fence `seq` of the streams in `streams`.
+pub fn wait_marker(seq: u64, streams: u64) -> [u8; WAIT_LEN] {
+    let mut m = [0; WAIT_LEN];
+    m[4] = WAIT;
+    m[5..13].copy_from_slice(&seq.to_be_bytes());
+    m[13..].copy_from_slice(&streams.to_be_bytes());
+    m
+}
+
+/// The body length of a marker of type `kind`.
+fn marker_body_len(kind: u8) -> Result<usize, FrameError> {
+    match kind {
+        FENCE => Ok(FENCE_LEN - 5),
+        WAIT => Ok(WAIT_LEN - 5),
+        other => Err(FrameError::UnknownMarker(other)),
+    }
+}
+
+/// A marker of type `kind` from its whole body.
+fn marker<B>(kind: u8, body: &[u8; MARKER_BODY_MAX]) -> Frame<B> {
+    let be64 = |at: usize| {
+        let mut word = [0; 8];
+        word.copy_from_slice(&body[at..at + 8]);
+        u64::from_be_bytes(word)
+    };
+    match kind {
+        FENCE => Frame::Fence { stream: body[0], seq: be64(1) },
+        // `marker_body_len` let only the two known types through.
+        _ => Frame::Wait { seq: be64(0), streams: be64(8) },
+    }
 }
 
 /// Buffers above this size are grown as bytes arrive rather than allocated up front.
 const EAGER_ALLOC_LIMIT: usize = 1 << 20;
 
 enum State<B> {
-    Header { bytes: [u8; 4], have: usize },
-    Body { buf: B, allocated: usize, len: usize, have: usize },
+    Header {
+        bytes: [u8; 4],
+        have: usize,
+    },
+    Body {
+        buf: B,
+        allocated: usize,
+        len: usize,
+        have: usize,
+    },
+    /// A data stream's zero length was read: the marker's type byte comes next.
+    MarkerType,
+    MarkerBody {
+        kind: u8,
+        body: [u8; MARKER_BODY_MAX],
+        len: usize,
+        have: usize,
+    },
 }
 
 /// Incremental decoder of length-prefixed frames.
@@ -133,6 +224,10 @@ impl<B: PacketBuf> FrameDecoder<B> {
                     if len > self.max_len {
                         return Err(FrameError::TooLarge { len, max: self.max_len });
                     }
+                    if len == 0 && self.width == HeaderWidth::Four {
+                        self.state = State::MarkerType;
+                        continue;
+                    }
                     if len == 0 {
                         *have = 0;
                         emit(Frame::Tick);
@@ -159,6 +254,24 @@ impl<B: PacketBuf> FrameDecoder<B> {
                         if let State::Body { buf, .. } = done {
                             emit(Frame::Packet(buf));
                         }
+                    }
+                }
+                State::MarkerType => {
+                    let Some((&kind, rest)) = input.split_first() else { break };
+                    input = rest;
+                    let len = marker_body_len(kind)?;
+                    self.state = State::MarkerBody { kind, body: [0; MARKER_BODY_MAX], len, have: 0 };
+                }
+                State::MarkerBody { kind, body, len, have } => {
+                    // In bounds: `*have < *len <= MARKER_BODY_MAX`, `take <= input.len()`.
+                    let take = (*len - *have).min(input.len());
+                    body[*have..*have + take].copy_from_slice(&input[..take]);
+                    *have += take;
+                    input = &input[take..];
+                    if *have == *len {
+                        let frame = marker(*kind, body);
+                        self.state = State::Header { bytes: [0; 4], have: 0 };
+                        emit(frame);
                     }
                 }
             }
@@ -329,11 +442,47 @@ mod tests {
     }
 
     #[test]
-    fn data_frames_split_at_every_byte() {
-        let bytes = [0u8, 0, 0, 2, 7, 8, 0, 0, 0, 0, 0, 0, 0, 1, 9];
+    fn data_frames_and_markers_split_at_every_byte() {
+        // A packet, fence 258 of stream 3, a wait for fence 5 of streams 1 and 3, a packet.
+        let bytes = [
+            0u8, 0, 0, 2, 7, 8, //
+            0, 0, 0, 0, 1, 3, 0, 0, 0, 0, 0, 0, 1, 2, //
+            0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0b1010, //
+            0, 0, 0, 1, 9,
+        ];
+        let expected = vec![
+            Frame::Packet(vec![7, 8]),
+            Frame::Fence { stream: 3, seq: 258 },
+            Frame::Wait { seq: 5, streams: 0b1010 },
+            Frame::Packet(vec![9]),
+        ];
         let chunks: Vec<&[u8]> = bytes.chunks(1).collect();
-        let frames = decode_all(HeaderWidth::Four, 100, &chunks).unwrap();
-        assert_eq!(frames, vec![Frame::Packet(vec![7, 8]), Frame::Tick, Frame::Packet(vec![9])]);
+        assert_eq!(decode_all(HeaderWidth::Four, 100, &chunks).unwrap(), expected);
+        assert_eq!(decode_all(HeaderWidth::Four, 100, &[&bytes]).unwrap(), expected);
+    }
+
+    #[test]
+    fn markers_encode_to_literal_bytes() {
+        assert_eq!(fence_marker(3, 258), [0, 0, 0, 0, 1, 3, 0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(wait_marker(5, 0b1010), [0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0b1010]);
+        let mut wire = fence_marker(32, u64::MAX).to_vec();
+        wire.extend(wait_marker(u64::MAX, 1 << 32));
+        assert_eq!(
+            decode_all(HeaderWidth::Four, 100, &[&wire]).unwrap(),
+            vec![Frame::Fence { stream: 32, seq: u64::MAX }, Frame::Wait { seq: u64::MAX, streams: 1 << 32 }]
+        );
+    }
+
+    #[test]
+    fn an_unknown_marker_is_refused_and_the_control_stream_has_ticks() {
+        let err = decode_all(HeaderWidth::Four, 100, &[&[0, 0, 0, 0], &[9, 1, 2]]).unwrap_err();
+        assert_eq!(err, FrameError::UnknownMarker(9));
+        assert_eq!(err.to_string(), "unknown marker type 9");
+        // A marker cut short is just not complete yet.
+        let frames = decode_all(HeaderWidth::Four, 100, &[&fence_marker(1, 1)[..13]]).unwrap();
+        assert!(frames.is_empty());
+        let frames = decode_all(HeaderWidth::Two, 100, &[&[0, 0, 0, 1, 5]]).unwrap();
+        assert_eq!(frames, vec![Frame::Tick, Frame::Packet(vec![5])]);
     }
 
     #[test]
@@ -352,7 +501,7 @@ mod tests {
         assert_eq!(frames.len(), 1);
         match &frames[0] {
             Frame::Packet(p) => assert_eq!(&p[..], &input[4..]),
-            Frame::Tick => panic!("expected a packet"),
+            other => panic!("expected a packet, got {other:?}"),
         }
     }
 

@@ -5,7 +5,7 @@
 
 /// ALPN protocol name; a peer that does not speak it is refused during the TLS handshake.
 /// The version suffix changes whenever the stream layout or framing changes.
-pub const ALPN: &[u8] = b"macula-dist/2";
+pub const ALPN: &[u8] = b"macula-dist/3";
 
 /// The SNI every client sends. Certificates are bound to node names above TLS (see
 /// [`crate::tls`]), so the TLS layer needs no per-node server name.
