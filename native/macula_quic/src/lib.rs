@@ -15,7 +15,7 @@ pub mod connection;
 mod data_in;
 mod data_out;
 pub mod endpoint;
-pub mod fence;
+mod fence;
 pub mod frame;
 mod graceful_close;
 pub mod icmp_socket;

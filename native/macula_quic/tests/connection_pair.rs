@@ -416,3 +416,123 @@ async fn graceful_close_after_data_delivers_it_all_then_closes_at_once() {
     assert!(matches!(next(&mut client.1).await, Event::Closed(_)));
     assert!(client.0.data_streams().0 > 1, "the close covered several data streams");
 }
+
+/// A packet whose control message names no sender: the MONITOR_P_EXIT of a monitor by
+/// registered name, `{21, 'registered', ToPid, ...}` (enough of it for the router).
+fn without_sender(tag: u8) -> Vec<u8> {
+    let mut bytes = vec![112, 131, 104, 5, 97, 21, 119, 10];
+    bytes.extend_from_slice(b"registered");
+    bytes.extend_from_slice(&[88, 119, 3, b'c', b'@', b'd', 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, tag]);
+    bytes
+}
+
+/// Senders 1 to 3 each queue 8 MiB on their own streams, then a packet without a sender
+/// goes on the fixed stream: it must be delivered after all of it, though it is tiny and
+/// the receiver reads every stream at once. What a sender sends after it is not held.
+#[tokio::test]
+async fn a_packet_without_a_sender_comes_after_what_was_sent_before_it() {
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    // Sender 9 takes the fixed stream, so the bulk senders get streams of their own.
+    let first = from_sender(9, b"first");
+    client.0.send_data(framed(&client.0, &[&first])).unwrap();
+    let chunk = vec![4u8; 1 << 20];
+    let mut bulk = Vec::new();
+    for _ in 0..8 {
+        for sender in 1..=3 {
+            bulk.push(from_sender(sender, &chunk));
+        }
+    }
+    let down = without_sender(1);
+    let after = from_sender(9, b"after");
+    let mut packets: Vec<&[u8]> = bulk.iter().map(Vec::as_slice).collect();
+    packets.push(&down);
+    packets.push(&after);
+    client.0.send_data(framed(&client.0, &packets)).unwrap();
+    let received = receive(&mut server, 2 + bulk.len() + 1).await;
+    assert_eq!(received[0], first);
+    let at = received.iter().position(|p| p == &down).unwrap();
+    assert_eq!(at, 1 + bulk.len(), "the packet without a sender overtook bulk packets");
+    assert_eq!(received.last(), Some(&after));
+    assert!(client.0.data_streams().0 >= 4, "the bulk went on streams of their own");
+}
+
+/// A raw data stream of `client`'s QUIC connection carrying `bytes` after the stream
+/// kind; kept open (a dropped stream ends, which is a violation of its own).
+async fn raw_stream(client: &Connection<ChannelEvents>, bytes: &[u8]) -> quinn::SendStream {
+    let mut stream = client.quic().open_uni().await.unwrap();
+    stream.write_all(&[&[0][..], bytes].concat()).await.unwrap();
+    stream
+}
+
+fn data_frame(packet: &[u8]) -> Vec<u8> {
+    [&(packet.len() as u32).to_be_bytes()[..], packet].concat()
+}
+
+/// Waits for the server to close the connection as a protocol violation; its reason.
+async fn violation(server: &mut Side) -> String {
+    loop {
+        match next(&mut server.1).await {
+            Event::Closed(CloseReason::ProtocolViolation(why)) => return why,
+            Event::Data(_, credit) => server.0.ack_data(credit),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn hostile_markers_close_the_connection_naming_the_fault() {
+    use macula_quic::frame::{fence_marker, wait_marker};
+    let cases: Vec<(Vec<Vec<u8>>, &str)> = vec![
+        (vec![vec![0, 0, 0, 0, 7, 1, 2, 3]], "unknown marker type 7"),
+        (vec![fence_marker(40, 1).to_vec()], "fence names stream 40"),
+        (vec![[fence_marker(2, 5), fence_marker(2, 5)].concat()], "fence 5 after fence 5"),
+        (vec![fence_marker(3, 1).to_vec(), fence_marker(3, 2).to_vec()], "two data streams name themselves stream 3"),
+        (vec![wait_marker(1, 0).to_vec()], "wait 1 names no stream"),
+        (vec![wait_marker(1, 1 << 40).to_vec()], "names no stream or one beyond"),
+        (vec![[&wait_marker(1, 2)[..], &fence_marker(4, 1)].concat()], "both fences and waits"),
+    ];
+    for (streams, expected) in cases {
+        let (client, mut server, _ce, _se) = pair().await;
+        activated(&client, &mut server).await;
+        let mut open = Vec::new();
+        for bytes in &streams {
+            open.push(raw_stream(&client.0, bytes).await);
+        }
+        let why = violation(&mut server).await;
+        assert!(why.contains(expected), "expected {expected:?}, got {why:?}");
+    }
+}
+
+/// A wait for a fence that does not come holds only its own stream (bounded: the reader
+/// stops reading) while the rest of the connection works; the fence releases it.
+#[tokio::test]
+async fn a_wait_for_a_missing_fence_holds_only_its_stream() {
+    use macula_quic::frame::{fence_marker, wait_marker};
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let held = b"held".to_vec();
+    let _waiting = raw_stream(&client.0, &[&wait_marker(1, 1 << 5)[..], &data_frame(&held)].concat()).await;
+    let ordinary: Vec<Vec<u8>> = (1..=3u8).map(|i| from_sender(i, b"meanwhile")).collect();
+    let refs: Vec<&[u8]> = ordinary.iter().map(Vec::as_slice).collect();
+    client.0.send_data(framed(&client.0, &refs)).unwrap();
+    let mut received = receive(&mut server, 3).await;
+    received.sort();
+    assert_eq!(received, ordinary);
+    assert!(tokio::time::timeout(Duration::from_millis(300), server.1.recv()).await.is_err(), "held packet came");
+    let _fencing = raw_stream(&client.0, &fence_marker(5, 1)).await;
+    assert_eq!(receive(&mut server, 1).await, vec![held]);
+}
+
+/// A stream that ends before the fence a wait needs: the wait can never be met.
+#[tokio::test]
+async fn a_stream_ending_short_of_a_fence_is_a_violation() {
+    use macula_quic::frame::{fence_marker, wait_marker};
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let _waiting = raw_stream(&client.0, &[&wait_marker(2, 1 << 6)[..], &data_frame(b"never")].concat()).await;
+    let mut short = raw_stream(&client.0, &fence_marker(6, 1)).await;
+    short.finish().unwrap();
+    let why = violation(&mut server).await;
+    assert!(why.contains("stream 6 ended before fence 2"), "{why}");
+}
