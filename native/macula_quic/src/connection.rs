@@ -419,6 +419,7 @@ impl<E: Events> Connection<E> {
         self.handshake_space.notify_one();
         self.delivery.close();
         self.activate.notify_waiters();
+        self.fences.wake_all();
         self.events.closed(&reason);
     }
 
@@ -643,8 +644,12 @@ impl<E: Events> Connection<E> {
         let mut inbound = Inbound::new(&self.fences);
         let mut finished = false;
         loop {
-            // Taken before the checks in `settle`, so a fence passed meanwhile wakes us.
+            // Taken before the checks below, so a fence passed (or a close) meanwhile
+            // wakes a reader held by a wait.
             let fence_passed = self.fences.changed();
+            if self.close_reason.get().is_some() {
+                return;
+            }
             if let Err(e) = inbound.settle() {
                 return self.violation(format!("data stream: {e}"));
             }

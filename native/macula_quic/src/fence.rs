@@ -139,6 +139,11 @@ impl FenceBoard {
         self.changed.notified()
     }
 
+    /// Wakes every reader held by a wait (the connection closed).
+    pub(crate) fn wake_all(&self) {
+        self.changed.notify_waiters();
+    }
+
     /// Stream `stream` has delivered everything before its fence `seq`.
     pub(crate) fn pass(&self, stream: u8, seq: u64) {
         // `stream` was checked by the reader that claimed it.

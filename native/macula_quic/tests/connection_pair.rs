@@ -536,3 +536,25 @@ async fn a_stream_ending_short_of_a_fence_is_a_violation() {
     let why = violation(&mut server).await;
     assert!(why.contains("stream 6 ended before fence 2"), "{why}");
 }
+
+/// A reader held by a wait, with so much held that it reads no further, ends when the
+/// connection does: nothing keeps the connection.
+#[tokio::test]
+async fn a_held_reader_ends_with_its_connection() {
+    use macula_quic::frame::wait_marker;
+    let (client, mut server, _ce, _se) = pair().await;
+    activated(&client, &mut server).await;
+    let mut held = wait_marker(1, 1 << 5).to_vec();
+    for _ in 0..4 {
+        held.extend(data_frame(&vec![1; 1 << 20]));
+    }
+    let _waiting = raw_stream(&client.0, &held).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client.0.close();
+    assert!(matches!(next(&mut server.1).await, Event::Closed(CloseReason::PeerClosed)));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while Arc::strong_count(&server.0) > 1 {
+        assert!(tokio::time::Instant::now() < deadline, "{} holders left", Arc::strong_count(&server.0));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
