@@ -12,7 +12,8 @@
 //! rejected only the atom cache).
 //!
 //! A packet whose control message does not parse, or names no sending process, takes
-//! the fixed stream 0. Routes are sticky for the life of a connection ([`Routes`]): a
+//! the fixed stream 0, behind a fence that keeps it after everything sent before it
+//! ([`crate::fence`]). Routes are sticky for the life of a connection ([`Routes`]): a
 //! sender is placed once, on the least loaded stream of its class, and never moves, so
 //! its order cannot break.
 
