@@ -313,6 +313,14 @@ mod tests {
         let again = unrouted(&mut enc);
         out.push(vec![again]);
         assert_eq!(bytes_of(out.take(FIXED_STREAM)), down_bytes);
+        // A raw packet pinned to the fixed stream is fenced too, whatever sender it names.
+        out.push(vec![packet(&mut enc, 2, 10)]);
+        let mut raw = packet(&mut enc, 2, 10);
+        raw.pin_to_fixed_stream();
+        out.push(vec![raw]);
+        let two =
+            (1..4).find(|&i| flat(out.take(i)) == 56 + frame::FENCE_LEN).expect("a fence after sender 2's packet");
+        assert_eq!(bytes_of(out.take(FIXED_STREAM))[..frame::WAIT_LEN], frame::wait_marker(2, 1 << two));
         // Single-stream mode never fences.
         let single = DataOut::new(NonZeroU8::MIN, 1 << 20);
         let mut enc = DataEncoder::new(false);
