@@ -28,7 +28,7 @@ impl Resource for EndpointResource {}
 /// They go out at once; waiting for quinn's full drain (three probe timeouts) would
 /// hold up the node's exit by seconds for a connect that never got an answer (its probe
 /// timeout starts from a 333 ms RTT guess), and keep the port taken from the next
-/// incarnation that much longer.
+/// incarnation that much longer (the socket is closed after it, see `Endpoint::release_port`).
 const CLOSE_DRAIN: Duration = Duration::from_millis(100);
 
 /// Binds the node's UDP endpoint on a runtime thread; the caller gets
@@ -45,6 +45,11 @@ fn start_listen<'a>(env: Env<'a>, ip: Term<'a>, port: u16, options: EndpointOpti
     let caller = env.pid();
     let settings = options.settings;
     runtime.spawn(async move {
+        // A previous incarnation's endpoint (init:restart/0 keeps this library and its
+        // runtime) may still be draining on this port: it has given up, so it goes first.
+        for old in shutdown::closed_endpoints() {
+            old.release_port().await;
+        }
         let result = Endpoint::bind(addr, settings);
         send(&caller, |env| {
             let reply = match result {
@@ -146,7 +151,8 @@ fn connect(env: Env, endpoint: ResourceArc<EndpointResource>, host: String, port
 }
 
 /// Closes every connection and the socket; the caller gets `macula_endpoint_closed` once
-/// the close frames are out (or after a short drain time).
+/// the close frames are out (or after a short drain time) and the port is free again,
+/// however long the VM keeps the endpoint's terms.
 #[rustler::nif]
 fn close_endpoint(env: Env, endpoint: ResourceArc<EndpointResource>) -> rustler::Atom {
     let endpoint = endpoint.endpoint.clone();
@@ -155,6 +161,7 @@ fn close_endpoint(env: Env, endpoint: ResourceArc<EndpointResource>) -> rustler:
     if let Some(runtime) = runtime::get() {
         runtime.spawn(async move {
             let _ = tokio::time::timeout(CLOSE_DRAIN, endpoint.wait_idle()).await;
+            endpoint.release_port().await;
             send(&caller, |env| atoms::macula_endpoint_closed().encode(env));
         });
     }

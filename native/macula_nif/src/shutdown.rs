@@ -5,6 +5,9 @@
 //! `connection_closed` at once instead of waiting for a tick timeout, gives the frames a
 //! moment to leave, then stops the tokio threads: left running, they would call into a
 //! process that is being torn down (seen as crashes at exit).
+//!
+//! The same list tells `start_listen` which endpoints an earlier incarnation closed:
+//! `init:restart/0` keeps the library, and their ports must be free for the new one.
 
 // Unsafe code: the call to libc's atexit below.
 #![allow(unsafe_code)]
@@ -27,8 +30,14 @@ extern "C" {
     fn atexit(callback: extern "C" fn()) -> std::os::raw::c_int;
 }
 
-/// Installs the exit handler (once, from the NIF load callback).
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// Installs the exit handler, once per OS process: the load callback runs again after
+/// `init:restart/0` (the library, its statics and its runtime stay).
 pub fn install() -> bool {
+    if INSTALLED.swap(true, Ordering::AcqRel) {
+        return true;
+    }
     // SAFETY: `at_exit` is a plain `extern "C" fn()` with no captured state.
     unsafe { atexit(at_exit) == 0 }
 }
@@ -38,6 +47,13 @@ pub fn register(endpoint: &Arc<Endpoint>) {
     let mut endpoints = ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner());
     endpoints.retain(|e| e.strong_count() > 0);
     endpoints.push(Arc::downgrade(endpoint));
+}
+
+/// Endpoints closed but not yet freed (their terms not yet collected) that may still
+/// hold their port.
+pub fn closed_endpoints() -> Vec<Arc<Endpoint>> {
+    let endpoints = ENDPOINTS.lock().unwrap_or_else(|p| p.into_inner());
+    endpoints.iter().filter_map(Weak::upgrade).filter(|e| e.is_closed() && e.holds_port()).collect()
 }
 
 /// True once the VM is exiting: no more messages may be sent.

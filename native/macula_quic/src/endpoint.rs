@@ -3,14 +3,14 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use quinn::{ClientConfig, EndpointConfig, ServerConfig, TokioRuntime, VarInt};
 use quinn_proto::HashedConnectionIdGenerator;
 use thiserror::Error;
 use tokio::sync::broadcast;
 
-use crate::icmp_socket::{self, Unreachable};
+use crate::icmp_socket::{self, Port, Unreachable};
 
 use crate::admission::{Established, Gate, Probation};
 use crate::settings::Settings;
@@ -82,6 +82,9 @@ pub struct Endpoint {
     /// ICMP reports of the socket (see [`icmp_socket`]).
     reports: broadcast::Sender<Unreachable>,
     closed: AtomicBool,
+    /// The socket (and, after a rebind, the ones before it that quinn may still read),
+    /// to give the port back when the endpoint is closed (see [`Endpoint::release_port`]).
+    ports: Mutex<Vec<Port>>,
 }
 
 impl Endpoint {
@@ -110,7 +113,8 @@ impl Endpoint {
         };
         config.max_udp_payload_size(settings.max_udp_payload).ok();
         let (reports, _) = broadcast::channel(icmp_socket::REPORT_BACKLOG);
-        let socket = icmp_socket::wrap(socket, reports.clone()).map_err(|source| SocketError { addr, source })?;
+        let (socket, port) =
+            icmp_socket::wrap(socket, reports.clone()).map_err(|source| SocketError { addr, source })?;
         let mut quic = quinn::Endpoint::new_with_abstract_socket(config, Some(server), socket, Arc::new(TokioRuntime))
             .map_err(|source| SocketError { addr, source })?;
         quic.set_default_client_config(client);
@@ -120,6 +124,7 @@ impl Endpoint {
             quic,
             reports,
             closed: AtomicBool::new(false),
+            ports: Mutex::new(vec![port]),
         })
     }
 
@@ -217,10 +222,36 @@ impl Endpoint {
         self.quic.wait_idle().await
     }
 
+    /// Closes the UDP socket of a closed endpoint, so its port is free now rather than
+    /// when the last handle to the endpoint and the last draining connection are gone
+    /// (in the VM, whenever the garbage collector frees their terms): a node restarted
+    /// in the same OS process (`init:restart/0`) binds the same port at once. Call it
+    /// once the close frames are out; packets sent later are dropped.
+    pub async fn release_port(&self) {
+        debug_assert!(self.is_closed(), "release_port on an open endpoint");
+        let ports: Vec<Port> = self.ports.lock().unwrap_or_else(|p| p.into_inner()).drain(..).collect();
+        for port in &ports {
+            port.release().await;
+        }
+    }
+
+    /// True while the endpoint holds a UDP socket (until [`Endpoint::release_port`]).
+    pub fn holds_port(&self) -> bool {
+        self.ports.lock().unwrap_or_else(|p| p.into_inner()).iter().any(Port::is_bound)
+    }
+
     /// Moves the endpoint to a new UDP socket (connection migration).
     pub fn rebind(&self, addr: SocketAddr) -> Result<(), SocketError> {
-        let bind = || self.quic.rebind_abstract(icmp_socket::wrap(bind_socket(addr)?, self.reports.clone())?);
-        bind().map_err(|source| SocketError { addr, source })
+        let bind = || {
+            let (socket, port) = icmp_socket::wrap(bind_socket(addr)?, self.reports.clone())?;
+            self.quic.rebind_abstract(socket)?;
+            Ok::<_, std::io::Error>(port)
+        };
+        let port = bind().map_err(|source| SocketError { addr, source })?;
+        let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+        ports.retain(Port::is_bound);
+        ports.push(port);
+        Ok(())
     }
 }
 
@@ -353,6 +384,47 @@ mod tests {
         // Zero-configuration endpoints still connect to each other.
         let other = bind(None);
         assert_eq!(handshake(&zero, &other).await, (Ok(()), Ok(())));
+    }
+
+    /// A closed endpoint that is still referenced (as the VM's terms keep it until the
+    /// garbage collector frees them) with a connection still draining holds its port;
+    /// once released the port can be bound again at once, and the peer was told.
+    #[tokio::test]
+    async fn a_released_endpoint_gives_its_port_back_while_still_held() {
+        let server = bind(None);
+        let client = bind(None);
+        let addr = server.local_addr().unwrap();
+        let (to_server, _from_client) =
+            tokio::join!(async { client.quic.connect(addr, SERVER_NAME).unwrap().await.unwrap() }, async {
+                server.quic.accept().await.unwrap().await.unwrap()
+            });
+        server.close();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let taken = std::net::UdpSocket::bind(addr).map(|_| ()).map_err(|e| e.kind());
+        assert_eq!(taken, Err(std::io::ErrorKind::AddrInUse), "closed, but held and draining");
+        assert!(server.holds_port());
+        server.release_port().await;
+        assert!(!server.holds_port());
+        std::net::UdpSocket::bind(addr).expect("the port is free once released");
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(2), to_server.closed()).await.unwrap();
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(close_code::SHUTDOWN)),
+            "{closed:?}"
+        );
+    }
+
+    /// Released after a rebind: neither the old port nor the new one stays bound.
+    #[tokio::test]
+    async fn release_after_a_rebind_frees_every_port() {
+        let endpoint = bind(None);
+        let first = endpoint.local_addr().unwrap();
+        endpoint.rebind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+        let second = endpoint.local_addr().unwrap();
+        assert_ne!(first.port(), second.port());
+        endpoint.close();
+        endpoint.release_port().await;
+        std::net::UdpSocket::bind(first).expect("the first port is free");
+        std::net::UdpSocket::bind(second).expect("the second port is free");
     }
 
     #[tokio::test]

@@ -13,6 +13,12 @@
 //! taking every connection of the node with it. Such errors are swallowed here (the
 //! error queue has already told the story), so a forged ICMP message can at most cause
 //! a probe, never cut a connection whose peer still answers.
+//!
+//! The wrapper can also give its port back while quinn still holds it ([`Port::release`]):
+//! a closed endpoint keeps its socket until every handle to it and every draining
+//! connection is gone, which in the VM waits for the garbage collector, while the next
+//! incarnation of the node (`init:restart/0`, in the same OS process) binds the same
+//! port at once.
 
 use std::fmt;
 use std::future::Future;
@@ -20,7 +26,7 @@ use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -83,18 +89,19 @@ impl Unreachable {
 pub const REPORT_BACKLOG: usize = 256;
 
 /// Wraps `socket` for quinn; ICMP reports go to `reports`. Must run inside the tokio
-/// runtime (a task reads the error queue until the wrapper is dropped).
+/// runtime (a task reads the error queue until the socket is released). The [`Port`]
+/// gives the port back on demand; dropping the wrapper gives it back too.
 pub fn wrap(
     socket: std::net::UdpSocket,
     reports: broadcast::Sender<Unreachable>,
-) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+) -> io::Result<(Arc<dyn AsyncUdpSocket>, Port)> {
     enable_error_queue(&socket)?;
     let state = UdpSocketState::new((&socket).into())?;
     let io = tokio::net::UdpSocket::from_std(socket)?;
-    let shared = Arc::new(Shared { io, state });
-    let stop = Arc::new(Notify::new());
-    tokio::spawn(read_error_queue(shared.clone(), reports, stop.clone()));
-    Ok(Arc::new(IcmpSocket { shared, stop }))
+    let shared = Arc::new(Shared { io: RwLock::new(Some(Arc::new(io))), state, released: Notify::new() });
+    tokio::spawn(read_error_queue(shared.clone(), reports));
+    let port = Port(Arc::downgrade(&shared));
+    Ok((Arc::new(IcmpSocket { shared }), port))
 }
 
 fn enable_error_queue(socket: &std::net::UdpSocket) -> io::Result<()> {
@@ -109,27 +116,99 @@ fn enable_error_queue(socket: &std::net::UdpSocket) -> io::Result<()> {
 }
 
 struct Shared {
-    io: tokio::net::UdpSocket,
+    /// `None` once released: the file descriptor closes when the last clone of the
+    /// `Arc` (held only for the duration of an await on readiness) goes.
+    io: RwLock<Option<Arc<tokio::net::UdpSocket>>>,
     state: UdpSocketState,
+    /// Wakes the futures that wait on the socket when it is released.
+    released: Notify,
 }
 
-/// The socket quinn drives. Dropping it (endpoint closed or rebound) stops the error
-/// queue reader.
+impl Shared {
+    fn io(&self) -> std::sync::RwLockReadGuard<'_, Option<Arc<tokio::net::UdpSocket>>> {
+        self.io.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the socket away from every user; returns it for [`Port::release`] to
+    /// close. Sleeping users are woken so they drop their clones.
+    fn take(&self) -> Option<Arc<tokio::net::UdpSocket>> {
+        let io = self.io.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.released.notify_waiters();
+        io
+    }
+
+    /// Waits until the socket is writable, or released (then sends are dropped).
+    async fn writable(&self) -> io::Result<()> {
+        let released = self.released.notified();
+        tokio::pin!(released);
+        // Registered before the socket is read, so a release from now on wakes it.
+        released.as_mut().enable();
+        let Some(io) = self.io().clone() else { return Ok(()) };
+        tokio::select! {
+            result = io.writable() => result,
+            _ = released => Ok(()),
+        }
+    }
+}
+
+/// Gives a wrapped socket's port back: the socket closes, whoever still holds the
+/// wrapper. Afterwards sends are dropped (as lost packets) and nothing is received.
+#[derive(Clone, Debug)]
+pub struct Port(Weak<Shared>);
+
+/// How long [`Port::release`] waits for the users it woke to let go of the socket.
+const RELEASE_WAIT: Duration = Duration::from_millis(500);
+
+impl Port {
+    /// Returns once the file descriptor is closed (the port free), or after
+    /// [`RELEASE_WAIT`] if a user still holds it (then it closes when that one lets go).
+    pub async fn release(&self) {
+        let Some(mut io) = self.0.upgrade().and_then(|shared| shared.take()) else { return };
+        // No new clones can appear (the slot is empty); the error queue reader and any
+        // sender waiting for room drop theirs as soon as they run.
+        let deadline = tokio::time::Instant::now() + RELEASE_WAIT;
+        loop {
+            match Arc::try_unwrap(io) {
+                Ok(last) => return drop(last),
+                Err(shared) if tokio::time::Instant::now() < deadline => io = shared,
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// False once the socket is released or the wrapper dropped.
+    pub fn is_bound(&self) -> bool {
+        self.0.upgrade().is_some_and(|shared| shared.io().is_some())
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared").field("local", &self.io().as_ref().and_then(|io| io.local_addr().ok())).finish()
+    }
+}
+
+/// The socket quinn drives. Dropping it (endpoint gone or rebound) releases the socket
+/// and so stops the error queue reader.
 pub struct IcmpSocket {
     shared: Arc<Shared>,
-    stop: Arc<Notify>,
 }
 
 impl fmt::Debug for IcmpSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IcmpSocket").field("local", &self.shared.io.local_addr().ok()).finish()
+        f.debug_struct("IcmpSocket").field("shared", &self.shared).finish()
     }
 }
 
 impl Drop for IcmpSocket {
     fn drop(&mut self) {
-        self.stop.notify_one();
+        drop(self.shared.take());
     }
+}
+
+fn released() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "socket released")
 }
 
 impl AsyncUdpSocket for IcmpSocket {
@@ -139,8 +218,10 @@ impl AsyncUdpSocket for IcmpSocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let s = &self.shared;
+        // A released socket drops what quinn sends (a closed endpoint's late packets).
+        let Some(io) = &*s.io() else { return Ok(()) };
         // quinn-udp returns only WouldBlock; other send errors are logged and dropped.
-        s.io.try_io(Interest::WRITABLE, || s.state.send((&s.io).into(), transmit))
+        io.try_io(Interest::WRITABLE, || s.state.send(io.into(), transmit))
     }
 
     fn poll_recv(
@@ -150,9 +231,12 @@ impl AsyncUdpSocket for IcmpSocket {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let s = &self.shared;
+        // A released socket receives nothing; quinn's driver stays up for its
+        // connections' own events (an error would end it and strand their drain).
+        let Some(io) = &*s.io() else { return Poll::Pending };
         loop {
-            ready!(s.io.poll_recv_ready(cx))?;
-            match s.io.try_io(Interest::READABLE, || s.state.recv((&s.io).into(), bufs, meta)) {
+            ready!(io.poll_recv_ready(cx))?;
+            match io.try_io(Interest::READABLE, || s.state.recv(io.into(), bufs, meta)) {
                 Ok(count) => return Poll::Ready(Ok(count)),
                 // WouldBlock cleared the readiness: wait again. Any other error is one
                 // the kernel recorded from an ICMP message; the error queue reports it,
@@ -163,7 +247,7 @@ impl AsyncUdpSocket for IcmpSocket {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.shared.io.local_addr()
+        self.shared.io().as_ref().ok_or_else(released)?.local_addr()
     }
 
     fn may_fragment(&self) -> bool {
@@ -197,7 +281,7 @@ impl UdpPoller for Writable {
     fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let shared = this.shared.clone();
-        let ready = this.ready.get_or_insert_with(|| Box::pin(async move { shared.io.writable().await }));
+        let ready = this.ready.get_or_insert_with(|| Box::pin(async move { shared.writable().await }));
         let result = ready.as_mut().poll(cx);
         if result.is_ready() {
             this.ready = None;
@@ -210,24 +294,29 @@ impl UdpPoller for Writable {
 /// practice; keeps a persistent failure from spinning a runtime thread).
 const QUEUE_FAILURE_PAUSE: Duration = Duration::from_millis(100);
 
-async fn read_error_queue(shared: Arc<Shared>, reports: broadcast::Sender<Unreachable>, stop: Arc<Notify>) {
+async fn read_error_queue(shared: Arc<Shared>, reports: broadcast::Sender<Unreachable>) {
     loop {
+        let released = shared.released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
+        let Some(io) = shared.io().clone() else { return };
         tokio::select! {
-            ready = shared.io.ready(Interest::ERROR) => if ready.is_err() { return },
-            _ = stop.notified() => return,
+            ready = io.ready(Interest::ERROR) => if ready.is_err() { return },
+            _ = released => return,
         }
-        loop {
-            match shared.io.try_io(Interest::ERROR, || next_error(&shared.io)) {
+        let failed = loop {
+            match io.try_io(Interest::ERROR, || next_error(&io)) {
                 Ok(Some(report)) => {
                     let _ = reports.send(report);
                 }
                 Ok(None) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    tokio::time::sleep(QUEUE_FAILURE_PAUSE).await;
-                    break;
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                Err(_) => break true,
             }
+        };
+        drop(io);
+        if failed {
+            tokio::time::sleep(QUEUE_FAILURE_PAUSE).await;
         }
     }
 }
@@ -339,7 +428,7 @@ mod tests {
         let closed_addr = closed.local_addr().unwrap();
         drop(closed);
         let (reports, mut received) = broadcast::channel(REPORT_BACKLOG);
-        let socket = wrap(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap(), reports).unwrap();
+        let (socket, _port) = wrap(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap(), reports).unwrap();
         let local = socket.local_addr().unwrap();
         let transmit =
             Transmit { destination: closed_addr, ecn: None, contents: b"hello", segment_size: None, src_ip: None };
