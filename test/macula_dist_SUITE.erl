@@ -24,7 +24,8 @@
          init_stop_gives_nodedown/1, disconnect_and_reconnect/1,
          simultaneous_connect/1, three_nodes_global_and_pg/1, wrong_cookie/1,
          hidden_node/1, node_info_and_opts/1, ipv6/1, malformed_node_names/1,
-         unreachable_port/1, typed_errors/1, embedded_mode_boot/1]).
+         unreachable_port/1, typed_errors/1, embedded_mode_boot/1,
+         restart_distribution_in_place/1]).
 
 -define(P, macula_test_peer).
 -define(PORT_RANGE, {20000, 29799}).
@@ -39,7 +40,7 @@ all() ->
      monitors_see_node_death, kill_gives_nodedown, init_stop_gives_nodedown,
      disconnect_and_reconnect, simultaneous_connect, three_nodes_global_and_pg,
      wrong_cookie, hidden_node, node_info_and_opts, ipv6, malformed_node_names,
-     unreachable_port, typed_errors, embedded_mode_boot].
+     unreachable_port, typed_errors, embedded_mode_boot, restart_distribution_in_place].
 
 %%% ------------------------------------------------------------------------------------
 %%% Cases
@@ -634,6 +635,33 @@ embedded_mode_boot(Config) ->
     Out = os:cmd(Cmd),
     ct:pal("~ts~n~ts", [Cmd, Out]),
     ?assertMatch({match, _}, re:run(Out, "result embedded true pong")),
+    ok.
+
+%% Shows: distribution stopped and started again inside a running VM, as
+%% init:restart/0 (relx's `restart') does, listens on its own port again at once,
+%% three times in a row, each time with a peer connected, and the peer reaches the new
+%% incarnation. (A closed endpoint used to keep its port until the garbage collector
+%% freed its terms: the new listen failed with eaddrinuse.)
+restart_distribution_in_place(Config) ->
+    [A, B] = start_nodes(Config, 2),
+    NB = ?P:node_of(B),
+    [begin
+         ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
+         Kernel = ?P:call(B, erlang, whereis, [net_kernel]),
+         %% A node named on its command line halts when its distribution cannot listen.
+         Restarted = try ?P:run(B, fun() ->
+                                           ok = supervisor:terminate_child(kernel_sup, net_sup),
+                                           supervisor:restart_child(kernel_sup, net_sup)
+                                   end)
+                     catch exit:Why -> {node_halted, Why}
+                     end,
+         ?assertMatch({_, {ok, _}}, {Round, Restarted}),
+         ?assertNotEqual(Kernel, ?P:call(B, erlang, whereis, [net_kernel])),
+         ?assertEqual(NB, ?P:call(B, erlang, node, [])),
+         %% The old incarnation's close reached A at once.
+         ?assertEqual(ok, ?P:wait_until(fun() -> ?P:call(A, erlang, nodes, []) =:= [] end, 5000))
+     end || Round <- lists:seq(1, 3)],
+    ?assertEqual(pong, ?P:call(A, net_adm, ping, [NB])),
     ok.
 
 %%% ------------------------------------------------------------------------------------
