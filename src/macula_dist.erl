@@ -252,7 +252,11 @@ with_new_connection_opts(#hs_data{socket = Ctrl, mf_setopts = SetOpts} = HSData,
     end,
     HSData.
 
-%% Closes every connection (peers see connection_closed at once) and the socket.
+%% Closes every connection (peers see connection_closed at once) and the socket. The
+%% port is free once the NIF reports (it closes the socket after the close frames, not
+%% when the VM frees the endpoint's terms), so distribution restarted in this VM
+%% (init:restart/0) can listen on it again; a listen also frees ports of endpoints
+%% closed earlier, should this wait have timed out.
 -spec close(macula_dist_nif:endpoint()) -> ok.
 close(Endpoint) ->
     ok = macula_dist_nif:close_endpoint(Endpoint),
