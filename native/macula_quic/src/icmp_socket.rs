@@ -183,12 +183,6 @@ impl Port {
     }
 }
 
-impl fmt::Debug for Shared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared").field("local", &self.io().as_ref().and_then(|io| io.local_addr().ok())).finish()
-    }
-}
-
 /// The socket quinn drives. Dropping it (endpoint gone or rebound) releases the socket
 /// and so stops the error queue reader.
 pub struct IcmpSocket {
@@ -197,7 +191,7 @@ pub struct IcmpSocket {
 
 impl fmt::Debug for IcmpSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IcmpSocket").field("shared", &self.shared).finish()
+        f.debug_struct("IcmpSocket").field("local", &self.local_addr().ok()).finish()
     }
 }
 
@@ -207,7 +201,7 @@ impl Drop for IcmpSocket {
     }
 }
 
-fn released() -> io::Error {
+fn released_error() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "socket released")
 }
 
@@ -247,7 +241,7 @@ impl AsyncUdpSocket for IcmpSocket {
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.shared.io().as_ref().ok_or_else(released)?.local_addr()
+        self.shared.io().as_ref().ok_or_else(released_error)?.local_addr()
     }
 
     fn may_fragment(&self) -> bool {
