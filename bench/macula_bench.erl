@@ -17,8 +17,9 @@
 %%%   4. head-of-line blocking: while one process streams 1 MiB binaries to a
 %%%      process on B (16 in flight, acked), another pair ping-pongs small
 %%%      messages; their round trip p50/p99/max and how many completed while
-%%%      the bulk ran. For macula also with the pinging pair marked by
-%%%      macula_dist:prioritize/1. macula runs twice: with its default pool of
+%%%      the bulk ran, and the p99 of how long the pinger's sends were suspended
+%%%      by busy distribution (part of the round trip). For macula also with the
+%%%      pinging pair marked by macula_dist:prioritize/1. macula runs twice: with its default pool of
 %%%      data streams (column macula) and with data_streams 1 (macula-1, one
 %%%      ordered stream like TCP).
 %%%   5. CPU seconds per GB moved (utime+stime from /proc/<pid>/stat of both
@@ -416,6 +417,7 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
       tp_64k_x8 => maps:get(mb_s, T64x8), rate_100b => maps:get(msgs_s, T100) / 1000,
       hol_p50 => maps:get(p50, Hol), hol_p99 => maps:get(p99, Hol), hol_max => maps:get(max, Hol),
       hol_count => maps:get(count, Hol), hol_bulk => maps:get(bulk_mb_s, Hol),
+      hol_suspended => maps:get(suspended_p99, Hol),
       hol_prio_p50 => maps:get(p50, HolPrio, none), hol_prio_p99 => maps:get(p99, HolPrio, none),
       hol_prio_max => maps:get(max, HolPrio, none),
       cpu_a => (CpuA1 - CpuA0) / GB, cpu_b => (CpuB1 - CpuB0) / GB,
@@ -631,8 +633,12 @@ rtt_under_bulk(Node, DurMs, Prioritize) ->
     {Msgs, Bytes, BulkEnd} = receive {bulk, R} -> R end,
     _ = {Bulk, Pinger, Msgs},
     BulkSecs = to_us(BulkEnd - T0) / 1.0e6,
-    (stats(Samples))#{bulk_mb_s => Bytes / BulkSecs / 1.0e6}.
+    {Suspended, RoundTrips} = lists:unzip(Samples),
+    (stats(RoundTrips))#{bulk_mb_s => Bytes / BulkSecs / 1.0e6,
+                         suspended_p99 => maps:get(p99, stats(Suspended))}.
 
+%% Samples of {how long the send itself took, the round trip}: a send to a node whose
+%% distribution queue is busy suspends the sender (busy dist) until the VM resumes it.
 ping_until(Echo, End, N, Acc) ->
     case erlang:monotonic_time() >= End of
         true ->
@@ -640,8 +646,9 @@ ping_until(Echo, End, N, Acc) ->
         false ->
             T0 = erlang:monotonic_time(),
             Echo ! N,
+            T1 = erlang:monotonic_time(),
             receive N -> ok end,
-            ping_until(Echo, End, N + 1, [erlang:monotonic_time() - T0 | Acc])
+            ping_until(Echo, End, N + 1, [{T1 - T0, erlang:monotonic_time() - T0} | Acc])
     end.
 
 to_us(Native) ->
@@ -768,9 +775,9 @@ netns_carrier(C, DurMs, Ctx = #{netns := {NsA, NsB}, ips := {IpA, IpB}, out := O
         {ok, _} = call(maps:get(peer, A), ?MODULE, timed_connect, [maps:get(node, B)]),
         check_carrier(C, A, B),
         R = call(maps:get(peer, A), ?MODULE, rtt_under_bulk, [maps:get(node, B), DurMs, false]),
-        io:format(Out, "~p ~.1f ~.1f ~.1f ~b ~b~n",
+        io:format(Out, "~p ~.1f ~.1f ~.1f ~b ~b ~.1f~n",
                   [C, maps:get(p50, R), maps:get(p99, R), maps:get(max, R), maps:get(count, R),
-                   round(maps:get(bulk_mb_s, R))])
+                   round(maps:get(bulk_mb_s, R)), maps:get(suspended_p99, R)])
     catch
         Class:Reason:Stack ->
             err("[~p] FAILED: ~p:~p~n  ~p~n", [C, Class, Reason, Stack]),
@@ -823,6 +830,7 @@ metrics() ->
      {hol_p50,   "round trip under another's bulk p50 (us)", 1},
      {hol_p99,   "round trip under another's bulk p99 (us)", 1},
      {hol_max,   "round trip under another's bulk max (us)", 1},
+     {hol_suspended, "of it, the pinger suspended by busy dist p99 (us)", 1},
      {hol_count, "round trips done during the bulk", 0},
      {hol_bulk,  "the bulk transfer meanwhile (MB/s)", 0},
      {hol_prio_p50, "prioritised round trip under bulk p50 (us)", 1},
