@@ -363,17 +363,17 @@ option(Key) ->
     macula_dist_endpoint:option(Key).
 
 %% @doc Sends `Pid''s distribution traffic on the priority data stream of every
-%% connection it has not sent on yet (see prioritize/2).
+%% connection (see prioritize/2).
 -spec prioritize(pid()) -> ok | {error, not_local | not_started}.
 prioritize(Pid) ->
     prioritize(Pid, true).
 
 %% @doc Marks (`true') or unmarks a local process for priority. Its messages, links,
 %% monitors and exits then travel on a data stream of higher QUIC urgency, ahead of
-%% other processes' bulk traffic; its own order is kept. A process keeps the stream it
-%% was first given on a connection, so mark it before it talks to other nodes (for
-%% example first thing in its init). The mark ends when the process exits. No effect
-%% with `data_streams' 1, where every packet shares one ordered stream.
+%% other processes' bulk traffic; its own order is kept. It applies at once, also on
+%% connections the process already used (its next packet there moves it behind a
+%% fence). The mark ends when the process exits. No effect with `data_streams' 1,
+%% where every packet shares one ordered stream.
 -spec prioritize(pid(), boolean()) -> ok | {error, not_local | not_started}.
 prioritize(Pid, On) when is_pid(Pid), is_boolean(On) ->
     if

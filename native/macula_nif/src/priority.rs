@@ -1,9 +1,10 @@
 //! The processes marked with `macula_dist:prioritize/2`, for every connection of the node.
 //!
-//! A mark is looked up when a sender is first routed on a connection (routes are sticky
-//! there, see `macula_quic::routing`), so it applies to connections the process has not
-//! sent on yet. Each mark monitors its process and goes away when the process exits, so
-//! the table holds live processes only.
+//! A mark is looked up for every packet the controller hands over (`send_data`); a
+//! sender whose mark changed moves to a stream of its new class behind a fence (see
+//! `macula_quic::routing`). Each mark monitors its process and goes away when the
+//! process exits, so the table holds live processes only (and the last packets of a
+//! process that has exited by the time they are handed over go out unmarked).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

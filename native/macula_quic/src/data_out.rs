@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::fence::{Fence, FenceOut};
 use crate::frame::{self, OutgoingPacket};
-use crate::routing::{Routes, FIXED_STREAM};
+use crate::routing::{Route, Routes, FIXED_STREAM};
 
 /// Answer of [`crate::Connection::send_data`].
 #[derive(Debug, PartialEq, Eq)]
@@ -130,17 +130,21 @@ impl DataOut {
             let mut routes = lock(&self.routes);
             let mut fences = lock(&self.fences);
             for packet in packets {
-                let index = if packet.fixed {
-                    FIXED_STREAM
+                let route = if packet.fixed {
+                    Route { stream: FIXED_STREAM, moved_from: None }
                 } else {
                     let queued = |i: usize| self.streams[i].bytes.load(Ordering::Relaxed);
                     routes.stream_for(packet.sender(), packet.class, queued)
                 };
+                let index = route.stream;
+                if let Some(was) = route.moved_from {
+                    total += self.enqueue_fence(&fences.moved(was), index);
+                }
                 if packet.sender().is_some() && !packet.fixed {
                     fences.routed(index);
                 } else if let Some(fence) = fences.unrouted() {
                     // Never in single-stream mode: no packet has a sender there.
-                    total += self.enqueue_fence(&fence);
+                    total += self.enqueue_fence(&fence, FIXED_STREAM);
                 }
                 total += self.enqueue(index, packet.chunks, packet.bytes);
                 woken |= 1 << index;
@@ -173,9 +177,10 @@ impl DataOut {
         bytes
     }
 
-    /// Queues `fence` ahead of a packet without a sender: its marker on each stream it
-    /// names, the wait for it on the fixed stream. Returns the bytes queued.
-    fn enqueue_fence(&self, fence: &Fence) -> usize {
+    /// Queues `fence` ahead of a packet that must follow what the streams it names
+    /// carried so far: its marker on each of them, the wait for it on stream `wait_on`,
+    /// the packet's. Returns the bytes queued.
+    fn enqueue_fence(&self, fence: &Fence, wait_on: usize) -> usize {
         let mut total = 0;
         for i in fence.streams() {
             // Stream indexes are below wire::MAX_DATA_STREAMS, which fits a u8.
@@ -184,7 +189,7 @@ impl DataOut {
             self.streams[i].wake.notify_one();
         }
         let wait = Bytes::copy_from_slice(&frame::wait_marker(fence.seq, fence.streams));
-        total + self.enqueue(FIXED_STREAM, [wait], frame::WAIT_LEN)
+        total + self.enqueue(wait_on, [wait], frame::WAIT_LEN)
     }
 
     /// Everything queued on stream `index`, for its writer.
@@ -285,6 +290,29 @@ mod tests {
         let mut p = encoder.packet(bytes.len()).unwrap();
         p.copy(&bytes);
         p.finish().unwrap()
+    }
+
+    #[test]
+    fn a_sender_marked_later_moves_to_the_priority_stream_behind_a_fence() {
+        let out = DataOut::new(NonZeroU8::new(4).unwrap(), 1 << 20);
+        let mut enc = DataEncoder::new(true);
+        out.push(vec![packet(&mut enc, 1, 100)]);
+        let old = (0..4).find(|&i| out.streams[i].bytes.load(Ordering::Relaxed) > 0).unwrap();
+        assert_eq!(flat(out.take(old)), 146);
+        let mut marked = packet(&mut enc, 1, 10);
+        marked.prioritise();
+        let marked_bytes = bytes_of(marked.chunks().to_vec());
+        out.push(vec![marked]);
+        assert_eq!(bytes_of(out.take(old)), frame::fence_marker(old as u8, 1), "the old stream is fenced");
+        let mut expected = frame::wait_marker(1, 1 << old).to_vec();
+        expected.extend(&marked_bytes);
+        assert_eq!(bytes_of(out.take(4)), expected, "the priority stream waits, then the packet");
+        // Further marked packets stay there without more markers.
+        let mut next = packet(&mut enc, 1, 10);
+        next.prioritise();
+        let next_bytes = bytes_of(next.chunks().to_vec());
+        out.push(vec![next]);
+        assert_eq!(bytes_of(out.take(4)), next_bytes);
     }
 
     #[test]

@@ -1,25 +1,34 @@
-//! Order between a packet that names no sender and what was sent before it on the
-//! other data streams.
+//! Order between a packet and what was sent before it on other data streams.
 //!
-//! A packet without a known sender takes the fixed stream 0 ([`crate::routing`]), and
-//! the receiver reads all streams at once, so without more it could overtake what the
-//! process it concerns sent just before on its own stream: the `'DOWN'` of a monitor by
-//! registered name (its control message names the dead process by its name) would
-//! reach the monitoring process before the dead process's last messages, which Erlang
-//! promises it never does. A fence keeps the order:
+//! Two packets need it:
 //!
-//! * the sender ([`FenceOut`]) puts a *fence* marker, numbered `N` (rising), on every
-//!   other stream that carried a packet since its last fence, each in its queue order,
-//!   then on stream 0 a *wait* marker naming `N` and those streams, then the packet;
+//! * a packet without a known sender takes the fixed stream 0 ([`crate::routing`]),
+//!   and the receiver reads all streams at once, so without more it could overtake
+//!   what the process it concerns sent just before on its own stream: the `'DOWN'` of
+//!   a monitor by registered name (its control message names the dead process by its
+//!   name) would reach the monitoring process before the dead process's last messages,
+//!   which Erlang promises it never does;
+//! * the first packet of a sender that moves to another stream (it was marked or
+//!   unmarked for priority) must not overtake what it sent on its old stream.
+//!
+//! A fence keeps the order:
+//!
+//! * the sender ([`FenceOut`]) puts a *fence* marker, numbered `N` (rising), on the
+//!   streams that must go first (for a packet without a sender, every other stream
+//!   that carried a packet since the last fence; for a move, the old stream), each in
+//!   its queue order, then on the packet's stream a *wait* marker naming `N` and those
+//!   streams, then the packet;
 //! * each receiving reader passes a fence once it has delivered everything before it
 //!   ([`FenceBoard::pass`]); a reader that meets a wait holds what follows until every
 //!   stream it names has passed fence `N` ([`FenceBoard::check`]), without asking for
 //!   delivery credit meanwhile, so the streams it waits for get theirs.
 //!
-//! A stream carries fences or waits, never both ([`FenceReader`]), and only fences can
-//! be waited for: a stream that waits is never waited for, so waits cannot form a
-//! cycle. Memory is bounded whatever a peer sends: the board is one word per possible
-//! stream, a reader's held bytes count against its batch limit like packets.
+//! Waits cannot deadlock: the sender queues every marker under one lock, so a wait
+//! only names fences queued before it, and each stream's markers are in that order;
+//! by induction on `N` every fence is reached. A peer that breaks this (a wait for a
+//! fence it queues later) only stalls the streams of its own connection. Memory is
+//! bounded whatever a peer sends: the board is one word per possible stream, a
+//! reader's held bytes count against its batch limit like packets.
 //!
 //! A wait that names a stream the peer never opens holds that one stream for good (its
 //! reader stops reading, QUIC flow control stops its sender; ticks and the other
@@ -76,6 +85,13 @@ impl FenceOut {
         }
     }
 
+    /// A sender moves off `stream` (its priority mark changed): the fence for its first
+    /// packet on its new stream to wait for.
+    pub(crate) fn moved(&mut self, stream: usize) -> Fence {
+        self.last += 1;
+        Fence { seq: self.last, streams: bit(stream) }
+    }
+
     /// A packet without a sender goes on the fixed stream: the fence to queue before
     /// it, unless no other stream carried anything since the last fence (what came
     /// before that fence, the previous wait on the fixed stream already waited for).
@@ -103,8 +119,6 @@ pub enum FenceError {
     WaitNotRising { seq: u64, last: u64 },
     #[error("wait {seq} names no stream or one beyond the streams a peer may open ({streams:#x})")]
     BadWaitStreams { seq: u64, streams: u64 },
-    #[error("a data stream carries both fences and waits")]
-    FencesAndWaits,
     #[error("stream {stream} ended before fence {seq}, which a wait needs")]
     EndedBeforeFence { stream: u8, seq: u64 },
 }
@@ -209,9 +223,6 @@ impl<'a> FenceReader<'a> {
 
     /// Checks fence `seq` of stream `stream`, read from this reader's stream.
     pub(crate) fn fence(&mut self, stream: u8, seq: u64) -> Result<(), FenceError> {
-        if self.last_wait != 0 {
-            return Err(FenceError::FencesAndWaits);
-        }
         match self.named {
             None => {
                 self.board.claim(stream)?;
@@ -229,9 +240,6 @@ impl<'a> FenceReader<'a> {
 
     /// Checks a wait for fence `seq` of `streams`, read from this reader's stream.
     pub(crate) fn wait(&mut self, seq: u64, streams: u64) -> Result<(), FenceError> {
-        if self.named.is_some() {
-            return Err(FenceError::FencesAndWaits);
-        }
         if streams == 0 || streams & !ALL_STREAMS != 0 {
             return Err(FenceError::BadWaitStreams { seq, streams });
         }
@@ -306,6 +314,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_may_carry_fences_and_waits() {
+        // The priority stream is fenced before a 'DOWN' by name and waits when a marked
+        // sender moves onto it.
+        let board = FenceBoard::default();
+        let mut old = FenceReader::new(&board);
+        let mut prio = FenceReader::new(&board);
+        prio.fence(4, 1).unwrap();
+        old.fence(2, 2).unwrap();
+        prio.wait(2, bit(2)).unwrap();
+        prio.fence(4, 3).unwrap();
+        assert_eq!(board.check(2, bit(2)), Ok(false));
+        board.pass(2, 2);
+        assert_eq!(board.check(2, bit(2)), Ok(true));
+    }
+
+    #[test]
+    fn a_move_fences_only_the_old_stream() {
+        let mut out = FenceOut::default();
+        out.routed(3);
+        out.routed(5);
+        assert_eq!(out.moved(3), Fence { seq: 1, streams: bit(3) });
+        assert_eq!(out.unrouted(), Some(Fence { seq: 2, streams: bit(3) | bit(5) }), "numbers keep rising");
+    }
+
+    #[test]
     fn hostile_markers_are_refused_by_name() {
         let board = FenceBoard::default();
         let mut a = FenceReader::new(&board);
@@ -314,7 +347,6 @@ mod tests {
         a.fence(1, 4).unwrap();
         assert_eq!(a.fence(2, 5), Err(FenceError::Renamed { was: 1, now: 2 }));
         assert_eq!(a.fence(1, 4), Err(FenceError::FenceNotRising { seq: 4, last: 4 }));
-        assert_eq!(a.wait(9, bit(2)), Err(FenceError::FencesAndWaits));
         let mut b = FenceReader::new(&board);
         assert_eq!(b.fence(1, 9), Err(FenceError::Duplicate(1)));
         let mut w = FenceReader::new(&board);
@@ -322,6 +354,5 @@ mod tests {
         assert_eq!(w.wait(1, 1 << 33), Err(FenceError::BadWaitStreams { seq: 1, streams: 1 << 33 }));
         w.wait(3, bit(1)).unwrap();
         assert_eq!(w.wait(2, bit(1)), Err(FenceError::WaitNotRising { seq: 2, last: 3 }));
-        assert_eq!(w.fence(5, 1), Err(FenceError::FencesAndWaits));
     }
 }

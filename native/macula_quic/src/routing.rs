@@ -13,9 +13,9 @@
 //!
 //! A packet whose control message does not parse, or names no sending process, takes
 //! the fixed stream 0, behind a fence that keeps it after everything sent before it
-//! ([`crate::fence`]). Routes are sticky for the life of a connection ([`Routes`]): a
-//! sender is placed once, on the least loaded stream of its class, and never moves, so
-//! its order cannot break.
+//! ([`crate::fence`]). Routes are sticky ([`Routes`]): a sender is placed on the least
+//! loaded stream of its class and stays there until its class changes (it is marked or
+//! unmarked for priority); a move goes behind a fence, so its order cannot break.
 
 use std::collections::HashMap;
 use std::num::NonZeroU8;
@@ -259,12 +259,21 @@ impl Fnv {
     }
 }
 
-/// The traffic class of a sender, chosen when it is first routed on a connection.
+/// The traffic class of a sender's packet (from its priority mark when it was sent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     Normal,
     /// Marked with `macula_dist:prioritize/1`: its stream has a higher QUIC urgency.
     Priority,
+}
+
+/// Where a packet goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub stream: usize,
+    /// The sender's stream until now, when this packet moves it (its class changed):
+    /// the packet must wait until that stream has delivered what the sender sent there.
+    pub moved_from: Option<usize>,
 }
 
 /// The sticky sender-to-stream map of one connection.
@@ -308,22 +317,36 @@ impl Routes {
 
     /// The stream for a packet from `sender`. A new sender of class `Normal` goes to the
     /// normal stream with the fewest queued bytes (`queued(i)`), then the fewest senders.
-    pub fn stream_for(&mut self, sender: Option<SenderKey>, class: Class, queued: impl Fn(usize) -> usize) -> usize {
-        let Some(key) = sender.filter(|_| self.by_sender()) else { return FIXED_STREAM };
-        if let Some(&stream) = self.table.get(&key) {
-            return usize::from(stream);
+    /// A known sender whose class changed moves to a stream of its new class.
+    pub fn stream_for(&mut self, sender: Option<SenderKey>, class: Class, queued: impl Fn(usize) -> usize) -> Route {
+        let stay = |stream| Route { stream, moved_from: None };
+        let Some(key) = sender.filter(|_| self.by_sender()) else { return stay(FIXED_STREAM) };
+        let known = self.table.get(&key).map(|&stream| usize::from(stream));
+        if let Some(stream) = known.filter(|&stream| self.class_of(stream) == class) {
+            return stay(stream);
         }
-        if self.table.len() >= ROUTE_TABLE_LIMIT {
-            return (key % self.normal as u64) as usize;
+        if known.is_none() && self.table.len() >= ROUTE_TABLE_LIMIT {
+            return stay((key % self.normal as u64) as usize);
         }
         let stream = match class {
             Class::Priority => self.normal,
             Class::Normal => (0..self.normal).min_by_key(|&i| (queued(i), self.placed[i])).unwrap_or(FIXED_STREAM),
         };
+        if let Some(was) = known {
+            self.placed[was] = self.placed[was].saturating_sub(1);
+        }
         self.placed[stream] += 1;
         // `stream` <= 255 by the clamp in `new`.
         self.table.insert(key, stream as u8);
-        stream
+        Route { stream, moved_from: known }
+    }
+
+    fn class_of(&self, stream: usize) -> Class {
+        if stream == self.normal {
+            Class::Priority
+        } else {
+            Class::Normal
+        }
     }
 }
 
@@ -465,19 +488,34 @@ mod tests {
         let mut routes = Routes::new(NonZeroU8::new(4).unwrap());
         assert_eq!(routes.streams(), 5);
         let idle = |_| 0;
-        let a = routes.stream_for(Some(1), Class::Normal, idle);
-        let b = routes.stream_for(Some(2), Class::Normal, idle);
+        let a = routes.stream_for(Some(1), Class::Normal, idle).stream;
+        let b = routes.stream_for(Some(2), Class::Normal, idle).stream;
         assert_ne!(a, b, "equally loaded streams take turns");
         // A new sender avoids the stream holding a bulk transfer.
         let loaded = |i| if i == a { 10 << 20 } else { 0 };
-        let c = routes.stream_for(Some(3), Class::Normal, loaded);
+        let c = routes.stream_for(Some(3), Class::Normal, loaded).stream;
         assert_ne!(c, a);
         // Old senders keep their stream whatever the load.
-        assert_eq!(routes.stream_for(Some(1), Class::Normal, |_| 0), a);
-        assert_eq!(routes.stream_for(Some(1), Class::Priority, |_| 0), a, "class is fixed at first sight");
-        assert_eq!(routes.stream_for(Some(9), Class::Priority, idle), 4);
-        assert_eq!(routes.stream_for(None, Class::Normal, idle), FIXED_STREAM);
+        assert_eq!(routes.stream_for(Some(1), Class::Normal, |_| 0), Route { stream: a, moved_from: None });
+        assert_eq!(routes.stream_for(Some(9), Class::Priority, idle).stream, 4);
+        assert_eq!(routes.stream_for(None, Class::Normal, idle).stream, FIXED_STREAM);
         assert_eq!(routes.priority_stream(), Some(4));
+    }
+
+    #[test]
+    fn a_sender_whose_class_changes_moves_and_says_from_where() {
+        let mut routes = Routes::new(NonZeroU8::new(4).unwrap());
+        let idle = |_| 0;
+        let a = routes.stream_for(Some(1), Class::Normal, idle).stream;
+        assert_eq!(routes.stream_for(Some(1), Class::Priority, idle), Route { stream: 4, moved_from: Some(a) });
+        assert_eq!(routes.stream_for(Some(1), Class::Priority, idle), Route { stream: 4, moved_from: None });
+        let back = routes.stream_for(Some(1), Class::Normal, idle);
+        assert_eq!(back.moved_from, Some(4));
+        assert!(back.stream < 4, "back on a normal stream");
+        // Single-stream mode has no classes to move between.
+        let mut one = Routes::new(NonZeroU8::new(1).unwrap());
+        assert_eq!(one.stream_for(Some(1), Class::Normal, idle), Route { stream: 0, moved_from: None });
+        assert_eq!(one.stream_for(Some(1), Class::Priority, idle), Route { stream: 0, moved_from: None });
     }
 
     #[test]
@@ -485,7 +523,7 @@ mod tests {
         let mut routes = Routes::new(NonZeroU8::new(1).unwrap());
         assert_eq!(routes.streams(), 1);
         assert_eq!(routes.priority_stream(), None);
-        assert_eq!(routes.stream_for(Some(5), Class::Priority, |_| 0), 0);
+        assert_eq!(routes.stream_for(Some(5), Class::Priority, |_| 0).stream, 0);
     }
 
     #[test]
@@ -496,7 +534,7 @@ mod tests {
         }
         let late = u64::MAX - 1;
         let first = routes.stream_for(Some(late), Class::Normal, |_| 0);
-        assert_eq!(first, (late % 3) as usize);
+        assert_eq!(first, Route { stream: (late % 3) as usize, moved_from: None });
         assert_eq!(routes.stream_for(Some(late), Class::Priority, |i| i), first);
     }
 }
