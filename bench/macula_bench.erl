@@ -12,7 +12,8 @@
 %%%      receiver (the receiver acks, the sender blocks on a full window):
 %%%      1 MiB and 64 KiB binaries (MB/s, 8 messages in flight), 8 parallel
 %%%      sender/receiver pairs with 64 KiB binaries, and 100-byte binaries
-%%%      (messages/s, acked every 1,000, 4 batches in flight). Each run is
+%%%      (messages/s, acked every 1,000, 4 batches in flight), and the same for a
+%%%      tuple of 20 atoms (what the atom cache of macula-1 saves). Each run is
 %%%      time bounded (default 5 s) or byte bounded, whichever comes first.
 %%%   4. head-of-line blocking: while one process streams 1 MiB binaries to a
 %%%      process on B (16 in flight, acked), another pair ping-pongs small
@@ -50,7 +51,7 @@
 %% Called on the peer nodes through peer:call/5.
 -export([dist_protocol/1, disconnect/1, wait_gone/1, wait_present/1, timed_connect/1,
          watch_start/1, watch_count/0,
-         rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7, rtt_under_bulk/3]).
+         rtt/2, erpc_rtt/2, throughput/6, parallel_throughput/7, atom_rate/3, rtt_under_bulk/3]).
 %% Spawned on the remote node B by the functions above.
 -export([echo/1, echo/2, receiver/2]).
 
@@ -389,6 +390,8 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
     T64x8 = call(PA, ?MODULE, parallel_throughput, [NB, 1 bsl 16, 8, 1, Dur, Budget, 8]),
     log(C, "100-byte message rate"),
     T100 = call(PA, ?MODULE, throughput, [NB, 100, 4, 1000, Dur, Budget]),
+    log(C, "20-atom tuple message rate"),
+    TAtoms = call(PA, ?MODULE, atom_rate, [NB, Dur, Budget]),
     log(C, "small-message round trips under another pair's 1 MiB bulk transfer"),
     Hol = call(PA, ?MODULE, rtt_under_bulk, [NB, HolMs, false]),
     HolPrio = case C of
@@ -415,6 +418,7 @@ measure(C, A = #{peer := PA, node := NA}, B = #{peer := PB, node := NB}, Cfg, Ct
       erpc_p50 => maps:get(p50, Erpc), erpc_p99 => maps:get(p99, Erpc),
       tp_1m => maps:get(mb_s, T1M), tp_64k => maps:get(mb_s, T64),
       tp_64k_x8 => maps:get(mb_s, T64x8), rate_100b => maps:get(msgs_s, T100) / 1000,
+      rate_atoms => maps:get(msgs_s, TAtoms) / 1000,
       hol_p50 => maps:get(p50, Hol), hol_p99 => maps:get(p99, Hol), hol_max => maps:get(max, Hol),
       hol_count => maps:get(count, Hol), hol_bulk => maps:get(bulk_mb_s, Hol),
       hol_suspended => maps:get(suspended_p99, Hol),
@@ -670,12 +674,22 @@ median(L) ->
 throughput(Node, Size, Window, AckEvery, DurMs, Budget) ->
     parallel_throughput(Node, Size, Window, AckEvery, DurMs, Budget, 1).
 
+%% The message rate of a tuple of 20 distinct atoms (a record-like message), which
+%% the atom cache of a single-stream connection sends as cache indexes and a pool of
+%% streams, without the cache, as text.
+atom_rate(Node, DurMs, Budget) ->
+    Atoms = list_to_tuple([list_to_atom("macula_bench_field_" ++ integer_to_list(I))
+                           || I <- lists:seq(1, 20)]),
+    payload_throughput(Node, Atoms, 4, 1000, DurMs, Budget, 1).
+
 %% N independent sender (on A) / receiver (on B) pairs, started together,
 %% sharing one deadline and splitting the byte budget.
 parallel_throughput(Node, Size, Window, AckEvery, DurMs, Budget, N) ->
     %% Random payload: no layer gets to win by compressing it.
-    Payload = rand:bytes(Size),
-    MaxMsgs = max(1, Budget div (Size * N)),
+    payload_throughput(Node, rand:bytes(Size), Window, AckEvery, DurMs, Budget, N).
+
+payload_throughput(Node, Payload, Window, AckEvery, DurMs, Budget, N) ->
+    MaxMsgs = max(1, Budget div (payload_size(Payload) * N)),
     Self = self(),
     T0 = erlang:monotonic_time(),
     Deadline = T0 + erlang:convert_time_unit(DurMs, millisecond, native),
@@ -701,7 +715,7 @@ stream(Node, Payload, Window, AckEvery, MaxMsgs, Deadline) ->
         {received, Msgs, Bytes} ->
             End = erlang:monotonic_time(),
             Msgs =:= Sent orelse error({lost_messages, Sent, Msgs}),
-            Bytes =:= Sent * byte_size(Payload) orelse error({lost_bytes, Bytes}),
+            Bytes =:= Sent * payload_size(Payload) orelse error({lost_bytes, Bytes}),
             {Msgs, Bytes, End}
     after ?ACK_TIMEOUT -> error({stalled, final_count})
     end.
@@ -725,17 +739,21 @@ receiver(Sender, AckEvery) -> receiver(Sender, AckEvery, 0, 0, 0).
 
 receiver(Sender, AckEvery, Pending, Msgs, Bytes) ->
     receive
-        Bin when is_binary(Bin) ->
+        {done, Sender} ->
+            Sender ! {received, Msgs, Bytes};
+        Payload ->
             case Pending + 1 of
                 AckEvery ->
                     Sender ! {ack, AckEvery},
-                    receiver(Sender, AckEvery, 0, Msgs + 1, Bytes + byte_size(Bin));
+                    receiver(Sender, AckEvery, 0, Msgs + 1, Bytes + payload_size(Payload));
                 P ->
-                    receiver(Sender, AckEvery, P, Msgs + 1, Bytes + byte_size(Bin))
-            end;
-        {done, Sender} ->
-            Sender ! {received, Msgs, Bytes}
+                    receiver(Sender, AckEvery, P, Msgs + 1, Bytes + payload_size(Payload))
+            end
     end.
+
+%% Bytes of a payload: a binary's size, or a term's external size.
+payload_size(Bin) when is_binary(Bin) -> byte_size(Bin);
+payload_size(Term) -> erlang:external_size(Term).
 
 %%====================================================================
 %% Between two network namespaces (bench/netns)
@@ -827,6 +845,7 @@ metrics() ->
      {tp_64k,    "throughput 64 KiB msgs (MB/s)", 0},
      {tp_64k_x8, "throughput 64 KiB x8 senders (MB/s)", 0},
      {rate_100b, "100 B msgs (k msg/s)", 1},
+     {rate_atoms, "20-atom tuple msgs (k msg/s)", 1},
      {hol_p50,   "round trip under another's bulk p50 (us)", 1},
      {hol_p99,   "round trip under another's bulk p99 (us)", 1},
      {hol_max,   "round trip under another's bulk max (us)", 1},
