@@ -137,17 +137,26 @@ impl Shared {
         io
     }
 
-    /// Waits until the socket is writable, or released (then sends are dropped).
-    async fn writable(&self) -> io::Result<()> {
+    /// Runs `wait` on the socket; `None` if the socket is or gets released first (the
+    /// waiting future, and with it its clone of the socket, is then dropped).
+    async fn until_released<T, F: Future<Output = T>>(
+        &self,
+        wait: impl FnOnce(Arc<tokio::net::UdpSocket>) -> F,
+    ) -> Option<T> {
         let released = self.released.notified();
         tokio::pin!(released);
         // Registered before the socket is read, so a release from now on wakes it.
         released.as_mut().enable();
-        let Some(io) = self.io().clone() else { return Ok(()) };
+        let io = self.io().clone()?;
         tokio::select! {
-            result = io.writable() => result,
-            _ = released => Ok(()),
+            result = wait(io) => Some(result),
+            _ = released => None,
         }
+    }
+
+    /// Waits until the socket is writable, or released (then sends are dropped).
+    async fn writable(&self) -> io::Result<()> {
+        self.until_released(|io| async move { io.writable().await }).await.unwrap_or(Ok(()))
     }
 }
 
@@ -290,14 +299,8 @@ const QUEUE_FAILURE_PAUSE: Duration = Duration::from_millis(100);
 
 async fn read_error_queue(shared: Arc<Shared>, reports: broadcast::Sender<Unreachable>) {
     loop {
-        let released = shared.released.notified();
-        tokio::pin!(released);
-        released.as_mut().enable();
-        let Some(io) = shared.io().clone() else { return };
-        tokio::select! {
-            ready = io.ready(Interest::ERROR) => if ready.is_err() { return },
-            _ = released => return,
-        }
+        let ready = shared.until_released(|io| async move { (io.ready(Interest::ERROR).await, io) }).await;
+        let Some((Ok(_), io)) = ready else { return };
         let failed = loop {
             match io.try_io(Interest::ERROR, || next_error(&io)) {
                 Ok(Some(report)) => {
